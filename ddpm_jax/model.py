@@ -1,0 +1,156 @@
+"""The original tutorial's UNET as a Flax linen module, in NHWC.
+
+Layer for layer the PyTorch original (see ``reference_torch``): sub-modules carry the
+original's names (``Layer2.attention_layer.proj1`` ...), so a ``state_dict`` key maps to a
+parameter path one to one (``ddpm_jax.convert``). One deliberate difference: the original
+applies attention dropout even in eval mode; here dropout runs only with ``train=True``,
+so sampling is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# PyTorch's GroupNorm default.
+GROUP_NORM_EPS = 1e-5
+
+
+def sinusoidal_embeddings(time_steps: int, dim: int) -> np.ndarray:
+  """The original's fixed ``[time_steps, dim]`` table: sin in even, cos in odd columns.
+
+  Computed in float32 numpy exactly as the original's formula. Another library's float32
+  ``exp``/``sin`` may differ by an ulp, which times t up to 999 gives ~6e-5.
+  """
+  position = np.arange(time_steps, dtype=np.float32)[:, None]
+  div = np.exp(np.arange(0, dim, 2, dtype=np.float32) * np.float32(-(math.log(10000.0) / dim)))
+  table = np.zeros((time_steps, dim), dtype=np.float32)
+  table[:, 0::2] = np.sin(position * div)
+  table[:, 1::2] = np.cos(position * div)
+  return table
+
+
+def _conv(features: int, kernel: int, dtype: Any, name: str, stride: int = 1) -> nn.Conv:
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), dtype=dtype, name=name)
+
+
+def _group_norm(num_groups: int, dtype: Any, name: str) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=num_groups, epsilon=GROUP_NORM_EPS, dtype=dtype,
+                      use_fast_variance=False, name=name)
+
+
+class ResBlock(nn.Module):
+  """x += emb[:C]; r = conv1(relu(gn1(x))); dropout; r = conv2(relu(gn2(r))); r + x."""
+  num_groups: int
+  dropout_rate: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, emb, train: bool):
+    c = x.shape[-1]
+    x = x + emb[:, None, None, :c].astype(x.dtype)
+    r = _conv(c, 3, self.dtype, "conv1")(nn.relu(_group_norm(self.num_groups, self.dtype, "gnorm1")(x)))
+    r = nn.Dropout(self.dropout_rate, deterministic=not train)(r)
+    r = _conv(c, 3, self.dtype, "conv2")(nn.relu(_group_norm(self.num_groups, self.dtype, "gnorm2")(r)))
+    return r + x
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention over H*W positions, with the original's channel layout.
+
+  ``proj1``'s 3C outputs are laid out (C, heads, qkv) with qkv innermost, and the heads'
+  outputs are merged back as (C, heads): the original's einops patterns
+  ``b L (C H K) -> K b H L C`` and ``b H (h w) C -> b h w (C H)``. No residual, no norm.
+  """
+  num_heads: int
+  dropout_rate: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    b, h, w, c = x.shape
+    heads = self.num_heads
+    qkv = nn.Dense(3 * c, dtype=self.dtype, name="proj1")(x.reshape(b, h * w, c))
+    qkv = qkv.reshape(b, h * w, c // heads, heads, 3)
+    # [b, L, head_dim, heads] -> [b, L, heads, head_dim], the layout attention expects.
+    q, k, v = (jnp.swapaxes(qkv[..., i], 2, 3) for i in range(3))
+    if train and self.dropout_rate > 0.0:
+      scale = 1.0 / math.sqrt(c // heads)
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+      weights = nn.Dropout(self.dropout_rate, deterministic=False)(weights)
+      out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v)
+    out = jnp.swapaxes(out, 2, 3).reshape(b, h, w, c)
+    return nn.Dense(c, dtype=self.dtype, name="proj2")(out)
+
+
+class UnetLayer(nn.Module):
+  """ResBlock1 -> (Attention) -> ResBlock2; returns (down/up-sampled x, x)."""
+  upscale: bool
+  attention: bool
+  num_groups: int
+  dropout_rate: float
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, emb, train: bool):
+    c = x.shape[-1]
+    block = lambda name: ResBlock(self.num_groups, self.dropout_rate, self.dtype, name=name)
+    x = block("ResBlock1")(x, emb, train)
+    if self.attention:
+      x = Attention(self.num_heads, self.dropout_rate, self.dtype, name="attention_layer")(x, train)
+    x = block("ResBlock2")(x, emb, train)
+    if self.upscale:
+      # PyTorch's ConvTranspose2d(C, C//2, 4, stride=2, padding=1): with
+      # transpose_kernel=True, Flax pads the dilated input by kernel - 1 - padding = 2.
+      conv = nn.ConvTranspose(c // 2, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
+                              transpose_kernel=True, dtype=self.dtype, name="conv")
+    else:
+      conv = _conv(2 * c, 3, self.dtype, "conv", stride=2)
+    return conv(x), x
+
+
+class UNet(nn.Module):
+  """The original UNET. ``x``: float ``[B, H, W, C]``, ``t``: int ``[B]`` -> ``[B, H, W, out]``.
+
+  ``dtype`` is the compute dtype; parameters stay float32 and the output is float32.
+  """
+  channels: Sequence[int] = (64, 128, 256, 512, 512, 384)
+  attentions: Sequence[bool] = (False, True, False, False, False, True)
+  upscales: Sequence[bool] = (False, False, False, True, True, True)
+  num_groups: int = 32
+  dropout_rate: float = 0.1
+  num_heads: int = 8
+  out_channels: int = 1
+  time_steps: int = 1000
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, t, train: bool = False):
+    num_layers = len(self.channels)
+    table = jnp.asarray(sinusoidal_embeddings(self.time_steps, max(self.channels)))
+    emb = table[t]
+    x = _conv(self.channels[0], 3, self.dtype, "shallow_conv")(x.astype(self.dtype))
+    residuals = []
+    for i in range(num_layers):
+      layer = UnetLayer(self.upscales[i], self.attentions[i], self.num_groups, self.dropout_rate,
+                        self.num_heads, self.dtype, name=f"Layer{i + 1}")
+      if i < num_layers // 2:
+        x, r = layer(x, emb, train)
+        residuals.append(r)
+      else:
+        x = jnp.concatenate([layer(x, emb, train)[0], residuals[num_layers - i - 1]], axis=-1)
+    late = (self.channels[-1] // 2 + self.channels[0]) // 2
+    x = nn.relu(_conv(late, 3, self.dtype, "late_conv")(x))
+    x = _conv(self.out_channels, 1, self.dtype, "output_conv")(x)
+    return x.astype(jnp.float32)

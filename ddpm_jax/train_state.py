@@ -1,0 +1,68 @@
+"""The training state — params, Adam state, EMA params, step, rng — and its one update.
+
+As in google-research/vdm, one small pytree carries everything a step changes, and the
+update that applies the gradients also moves the EMA tree, so a jitted step with the
+state donated touches each buffer once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: optax.OptState
+  ema_params: Any
+  rng: jax.Array
+
+
+def make_optimizer(learning_rate: float, warmup_steps: int = 0, grad_clip_norm: float = 0.0,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+                   ) -> optax.GradientTransformation:
+  """Adam as the original (``torch.optim.Adam`` defaults), with optional warm-up and clipping.
+
+  ``warmup_steps > 0`` ramps the rate linearly from 0; ``grad_clip_norm > 0`` clips the
+  global gradient norm. Both are off in the original's settings.
+  """
+  lr = (optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps > 0
+        else learning_rate)
+  adam = optax.adam(lr, b1=b1, b2=b2, eps=eps)
+  if grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(grad_clip_norm), adam)
+  return adam
+
+
+def learning_rate_at(step: int, learning_rate: float, warmup_steps: int = 0) -> float:
+  """The rate ``make_optimizer`` applies at ``step`` (for logging)."""
+  if warmup_steps > 0 and step < warmup_steps:
+    return learning_rate * step / warmup_steps
+  return learning_rate
+
+
+def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+  """A fresh state at step 0; the EMA starts as a copy of the params (timm's ModelEmaV3)."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=jax.tree.map(jnp.array, params), rng=rng)
+
+
+def ema_update(ema_params: Any, params: Any, decay: float) -> Any:
+  """``ema + (1 - decay) * (params - ema)``: ModelEmaV3's lerp, i.e. decay*ema + (1-decay)*p."""
+  weight = 1.0 - decay
+  return jax.tree.map(lambda e, p: e + weight * (p - e), ema_params, params)
+
+
+def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformation,
+                    ema_decay: float) -> TrainState:
+  """Adam on the params, then the EMA toward the new params, then step + 1."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                       ema_params=ema_update(state.ema_params, params, ema_decay))

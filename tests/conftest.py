@@ -1,0 +1,54 @@
+"""Shared test helpers: CPU-only JAX, deterministic torch, and NCHW <-> NHWC at the boundary."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np
+import pytest
+
+
+def nchw_to_nhwc(x):
+  return np.asarray(x).transpose(0, 2, 3, 1)
+
+
+def nhwc_to_nchw(x):
+  return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads():
+  try:
+    import torch
+  except ImportError:
+    yield
+    return
+  torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+  yield
+
+
+# Small architectures that keep the original's wiring (see ddpm_jax.model.UNet).
+QUARTER = dict(channels=(16, 32, 64, 128, 128, 96), num_groups=8, num_heads=4)
+HALF = dict(channels=(32, 64, 128, 256, 256, 192), num_groups=16, num_heads=8)
+
+
+def reference_kwargs(arch: dict, dropout_prob: float = 0.0) -> dict:
+  """``reference_torch.UNET`` arguments for a ``ddpm_jax`` architecture dict."""
+  kw = dict(dropout_prob=dropout_prob)
+  if "channels" in arch:
+    kw["Channels"] = list(arch["channels"])
+  for src, dst in (("num_groups", "num_groups"), ("num_heads", "num_heads")):
+    if src in arch:
+      kw[dst] = arch[src]
+  return kw
+
+
+def randomize_norms(model, seed: int = 0):
+  """Moves GroupNorm scales/biases off their 1/0 init so the weight mapping is exercised."""
+  import torch
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "gnorm" in name:
+        p.add_(0.1 * torch.randn(p.shape, generator=g))
+  return model

@@ -1,0 +1,111 @@
+"""Weight conversion between the original's state_dict and Flax params, and its errors."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import reference_torch as R
+from ddpm_jax.convert import flax_to_torch, infer_architecture, load_torch_checkpoint, torch_to_flax
+from ddpm_jax.errors import UserError
+from ddpm_jax.model import UNet
+from tests.conftest import QUARTER, randomize_norms, reference_kwargs
+
+
+@pytest.fixture(scope="module")
+def quarter_ref():
+  torch.manual_seed(0)
+  return randomize_norms(R.UNET(**reference_kwargs(QUARTER)))
+
+
+def test_round_trip_reproduces_the_state_dict_exactly(quarter_ref):
+  sd = quarter_ref.state_dict()
+  back = flax_to_torch(torch_to_flax(sd, UNet(**QUARTER)))
+  assert list(back) == list(sd) or set(back) == set(sd)
+  for k, v in sd.items():
+    np.testing.assert_array_equal(back[k], v.numpy(), err_msg=k)
+  # And the original accepts it.
+  fresh = R.UNET(**reference_kwargs(QUARTER))
+  fresh.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+
+
+def test_default_model_round_trip():
+  torch.manual_seed(1)
+  sd = R.UNET().state_dict()
+  params = torch_to_flax(sd)
+  assert sum(v.size for v in __import__("jax").tree.leaves(params)) == 35_178_689
+  back = flax_to_torch(params)
+  assert set(back) == set(sd)
+  assert all(np.array_equal(back[k], v.numpy()) for k, v in sd.items())
+
+
+def test_infers_the_architecture(quarter_ref):
+  arch = infer_architecture(quarter_ref.state_dict())
+  assert arch == dict(channels=QUARTER["channels"], attentions=(False, True, False, False, False, True),
+                      upscales=(False, False, False, True, True, True), out_channels=1, in_channels=1)
+
+
+def test_conversion_copies_instead_of_aliasing_torch_memory(quarter_ref):
+  sd = quarter_ref.state_dict()
+  params = torch_to_flax(sd, UNet(**QUARTER))
+  before = params["output_conv"]["bias"].copy()
+  with torch.no_grad():
+    quarter_ref.output_conv.bias.add_(1.0)
+  np.testing.assert_array_equal(params["output_conv"]["bias"], before)
+  with torch.no_grad():
+    quarter_ref.output_conv.bias.sub_(1.0)
+
+
+@pytest.mark.parametrize("use_ema", [True, False])
+def test_loads_a_checkpoint_in_the_original_format(tmp_path, quarter_ref, use_ema):
+  optimizer, ema, _ = R.make_training(quarter_ref)
+  with torch.no_grad():
+    for p in ema.module.parameters():
+      p.mul_(0.5)  # Make EMA and raw weights differ.
+  path = tmp_path / "ddpm_checkpoint"
+  torch.save({"weights": quarter_ref.state_dict(), "optimizer": optimizer.state_dict(),
+              "ema": ema.state_dict()}, path)
+  assert all(k.startswith("module.") for k in ema.state_dict())
+  params = load_torch_checkpoint(path, use_ema=use_ema, model=UNet(**QUARTER))
+  source = ema.module if use_ema else quarter_ref
+  np.testing.assert_array_equal(params["Layer2"]["attention_layer"]["proj1"]["kernel"],
+                                source.Layer2.attention_layer.proj1.weight.detach().numpy().T)
+
+
+def test_wrong_keys_are_named(quarter_ref):
+  sd = dict(quarter_ref.state_dict())
+  del sd["Layer3.ResBlock2.conv2.bias"]
+  sd["Layer9.extra.weight"] = torch.zeros(3)
+  sd["late_conv.bias"] = torch.zeros(7)
+  with pytest.raises(UserError) as info:
+    torch_to_flax(sd, UNet(**QUARTER))
+  msg = str(info.value)
+  assert "\n" not in msg
+  for needle in ("missing keys: Layer3.ResBlock2.conv2.bias", "unexpected keys: Layer9.extra.weight",
+                 "wrong shapes", "late_conv.bias (7,)"):
+    assert needle in msg, msg
+
+
+def test_checkpoint_errors(tmp_path):
+  with pytest.raises(UserError, match="does not exist"):
+    load_torch_checkpoint(tmp_path / "nope")
+  junk = tmp_path / "junk.pt"
+  junk.write_bytes(b"not a checkpoint at all")
+  with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
+    load_torch_checkpoint(junk)
+  partial = tmp_path / "weights_only.pt"
+  torch.save({"weights": {"shallow_conv.weight": torch.zeros(1)}}, partial)
+  with pytest.raises(UserError, match="no 'ema' entry.*--no_use_ema"):
+    load_torch_checkpoint(partial)
+
+
+def test_ddpm_jax_imports_without_torch():
+  code = ("import sys; sys.modules['torch'] = None\n"
+          "import ddpm_jax.model, ddpm_jax.schedule, ddpm_jax.diffusion, ddpm_jax.convert, "
+          "ddpm_jax.train_state\n"
+          "assert 'reference_torch' not in sys.modules\n"
+          "print('ok')")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
