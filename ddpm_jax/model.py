@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax.errors import UserError
+
 # PyTorch's GroupNorm default.
 GROUP_NORM_EPS = 1e-5
 
@@ -154,3 +156,23 @@ class UNet(nn.Module):
     x = nn.relu(_conv(late, 3, self.dtype, "late_conv")(x))
     x = _conv(self.out_channels, 1, self.dtype, "output_conv")(x)
     return x.astype(jnp.float32)
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def build_unet(model_config) -> UNet:
+  """A ``UNet`` from a config's ``model`` section (a mapping of the ``UNet`` fields).
+
+  ``dtype`` may be a name ('float32', 'bfloat16', 'float16'); sequences become tuples.
+  """
+  fields = dict(model_config)
+  dtype = fields.get("dtype", "float32")
+  if isinstance(dtype, str):
+    if dtype not in _DTYPES:
+      raise UserError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    fields["dtype"] = _DTYPES[dtype]
+  for key in ("channels", "attentions", "upscales"):
+    if key in fields:
+      fields[key] = tuple(fields[key])
+  return UNet(**fields)

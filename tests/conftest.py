@@ -1,8 +1,14 @@
 """Shared test helpers: CPU-only JAX, deterministic torch, and NCHW <-> NHWC at the boundary."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA's CPU compiles dominate these tests (10-30 s for a train step on 2 cores); tests that
+# build the same program again, in process or in a subprocess, take it from this cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "ddpm_jax_test_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import numpy as np
 import pytest

@@ -1,0 +1,127 @@
+"""Checks a config before anything runs, with one-line messages that say how to fix it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from ddpm_jax.data import DATA_RANGES, SOURCES
+from ddpm_jax.errors import UserError
+
+# Keys whose change makes a checkpoint's arrays or meaning incompatible.
+ARCHITECTURE_KEYS = ("model", "schedule", "data.image_size", "data.channels")
+NAN_POLICIES = ("stop", "skip")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise UserError(message)
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Raises :class:`UserError` for a config the model or the loop cannot run."""
+  m = config.model
+  channels = tuple(m.channels)
+  n = len(channels)
+  _require(n >= 2 and n % 2 == 0, f"model.channels needs an even number (>= 2) of entries, "
+           f"one per UNet layer; got {n}")
+  _require(len(m.attentions) == n and len(m.upscales) == n,
+           f"model.attentions ({len(m.attentions)}) and model.upscales ({len(m.upscales)}) "
+           f"need one entry per model.channels entry ({n})")
+  _require(all(c > 0 for c in channels), f"model.channels must be positive, got {channels}")
+  _require(tuple(m.upscales) == (False,) * (n // 2) + (True,) * (n // 2),
+           "model.upscales must be False for the first half of the layers and True for the "
+           f"second (the original's encoder/decoder); got {tuple(m.upscales)}")
+  # The original's wiring: each down layer doubles the width; each up layer's input is the
+  # previous up layer's output (C // 2) concatenated with the matching skip.
+  half = n // 2
+  for i in range(1, half):
+    _require(channels[i] == 2 * channels[i - 1],
+             f"model.channels[{i}] must be 2 x model.channels[{i - 1}] = {2 * channels[i - 1]} "
+             f"(each down-sampling conv doubles the width); got {channels}")
+  _require(channels[half] == 2 * channels[half - 1],
+           f"model.channels[{half}] must be {2 * channels[half - 1]}; got {channels}")
+  for i in range(half + 1, n):
+    want = channels[i - 1] // 2 + channels[n - i]
+    _require(channels[i] == want,
+             f"model.channels[{i}] must be model.channels[{i - 1}] // 2 + "
+             f"model.channels[{n - i}] = {want}; got {channels}")
+  for i, c in enumerate(channels):
+    _require(c % m.num_groups == 0,
+             f"model.channels[{i}] = {c} is not divisible by model.num_groups = {m.num_groups}; "
+             "pick a group count that divides every width")
+    if m.attentions[i]:
+      _require(c % m.num_heads == 0,
+               f"model.num_heads = {m.num_heads} does not divide the attention width "
+               f"model.channels[{i}] = {c}")
+    if m.upscales[i]:
+      _require(c % 2 == 0, f"model.channels[{i}] = {c} must be even to up-sample to {c // 2}")
+  _require(m.num_groups > 0 and m.num_heads > 0, "model.num_groups and model.num_heads must be > 0")
+  _require(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}")
+  _require(m.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}; got {m.dtype!r}")
+  _require(m.time_steps == config.schedule.num_steps,
+           f"model.time_steps ({m.time_steps}) must equal schedule.num_steps "
+           f"({config.schedule.num_steps})")
+  _require(m.out_channels == config.data.channels,
+           f"model.out_channels ({m.out_channels}) must equal data.channels "
+           f"({config.data.channels}): the model predicts the noise of the image")
+  _require(config.schedule.num_steps >= 2, "schedule.num_steps must be >= 2")
+  _require(0.0 < config.schedule.beta_start <= config.schedule.beta_end < 1.0,
+           "need 0 < schedule.beta_start <= schedule.beta_end < 1")
+
+  size = config.data.image_size
+  factor = 2 ** half
+  _require(size > 0 and size % factor == 0,
+           f"data.image_size = {size} must be divisible by 2^{half} = {factor} (the UNet "
+           f"down-samples {half} times)")
+  _require(config.data.source in SOURCES,
+           f"data.source must be one of {', '.join(SOURCES)}; got {config.data.source!r}")
+  _require(config.data.range in DATA_RANGES,
+           f"data.range must be one of {', '.join(DATA_RANGES)}; got {config.data.range!r}")
+
+  _require(config.batch_size > 0, f"batch_size must be positive, got {config.batch_size}")
+  _require(config.batch_size % num_devices == 0,
+           f"batch_size {config.batch_size} is not divisible by the {num_devices} devices; "
+           f"use a multiple of {num_devices}")
+  _require(config.learning_rate > 0, f"learning_rate must be > 0, got {config.learning_rate}")
+  _require(0.0 <= config.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {config.ema_decay}")
+  _require(config.num_train_steps > 0 or config.num_epochs > 0,
+           "set num_train_steps > 0 or num_epochs > 0")
+  for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    _require(config[key] > 0, f"{key} must be > 0, got {config[key]}")
+  _require(config.warmup_steps >= 0 and config.grad_clip_norm >= 0,
+           "warmup_steps and grad_clip_norm must be >= 0")
+  _require(config.nan_policy in NAN_POLICIES,
+           f"nan_policy must be one of {', '.join(NAN_POLICIES)}; got {config.nan_policy!r}")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in dict(d).items():
+    key = f"{prefix}{k}"
+    if isinstance(v, (dict, ml_collections.ConfigDict)):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = list(v) if isinstance(v, (list, tuple)) else v
+  return out
+
+
+def check_resume_compatible(saved: ml_collections.ConfigDict,
+                            config: ml_collections.ConfigDict) -> None:
+  """Refuses to resume a workdir with a config whose architecture or data shape differs."""
+  old, new = _flatten(saved.to_dict()), _flatten(config.to_dict())
+  differing = [k for k in sorted(set(old) | set(new))
+               if any(k == a or k.startswith(a + ".") for a in ARCHITECTURE_KEYS)
+               and old.get(k) != new.get(k)]
+  if differing:
+    fixes = " ".join(f"--config.{k}={_flag_value(old.get(k))}" for k in differing)
+    raise UserError(f"the workdir was trained with a different {', '.join(differing)}; "
+                    f"nothing was changed. Use another --workdir, or resume with {fixes}")
+
+
+def _flag_value(v: Any) -> str:
+  if isinstance(v, list):
+    return "'(" + ",".join(str(x) for x in v) + (",)'" if len(v) == 1 else ")'")
+  return str(v)

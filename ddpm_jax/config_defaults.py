@@ -1,0 +1,53 @@
+"""The full set of config keys, with the original tutorial's values (``configs/mnist.py``).
+
+Config files in ``configs/`` start from :func:`base_config` and override what differs.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key the training and sampling code reads, at the original tutorial's values."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "bundled"  # 'bundled' | 'idx' | 'tfds'
+  config.data.name = "mnist"  # the TFDS name when source == 'tfds'
+  config.data.dir = ""  # IDX directory, or the TFDS data_dir ('' = TFDS default)
+  config.data.image_size = 32  # 28x28 digits zero-padded by 2, as the original
+  config.data.channels = 1
+  config.data.range = "zero_one"  # the original's ToTensor() scaling; or 'minus_one_one'
+
+  config.model = ml_collections.ConfigDict()
+  config.model.channels = (64, 128, 256, 512, 512, 384)
+  config.model.attentions = (False, True, False, False, False, True)
+  config.model.upscales = (False, False, False, True, True, True)
+  config.model.num_groups = 32
+  config.model.dropout_rate = 0.1
+  config.model.num_heads = 8
+  config.model.out_channels = 1
+  config.model.time_steps = 1000
+  config.model.dtype = "float32"  # compute dtype; params stay float32
+
+  config.schedule = ml_collections.ConfigDict()
+  config.schedule.num_steps = 1000
+  config.schedule.beta_start = 1e-4
+  config.schedule.beta_end = 0.02
+
+  config.batch_size = 64
+  config.num_epochs = 75
+  config.num_train_steps = -1  # > 0 overrides num_epochs
+  config.learning_rate = 2e-5
+  config.warmup_steps = 0
+  config.grad_clip_norm = 0.0  # 0 = no clipping, as the original
+  config.ema_decay = 0.9999
+
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 2000
+  config.keep_checkpoints = 3
+  config.sample_every_steps = 0  # > 0 writes a sample grid to the workdir
+  config.sample_num_images = 16
+  config.sample_num_steps = 50  # DDIM steps for those grids
+  config.nan_policy = "stop"  # 'stop' or 'skip' a step whose loss is not finite
+  return config

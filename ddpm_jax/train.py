@@ -1,0 +1,312 @@
+"""Training: ``python -m ddpm_jax.train --config configs/mnist.py --workdir runs/mnist``.
+
+The original's objective and optimiser (MSE on the noise, Adam, an EMA of the weights) as
+one jitted, data-parallel step: the global batch is split over every device on a ``data``
+mesh axis and the state is replicated. Everything random in a step comes from
+``fold_in(rng, step)`` and each batch is a pure function of ``(seed, step)``, so a run
+resumed from a checkpoint continues bit for bit as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ddpm_jax import checkpoint, data, diffusion
+from ddpm_jax.config_checks import check_resume_compatible, validate_config
+from ddpm_jax.errors import UserError, run_cli
+from ddpm_jax.model import build_unet
+from ddpm_jax.schedule import Schedule, linear_schedule
+from ddpm_jax.train_state import TrainState, apply_gradients, learning_rate_at, make_optimizer
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> Schedule:
+  return linear_schedule(config.schedule.num_steps, config.schedule.beta_start,
+                         config.schedule.beta_end)
+
+
+def make_tx(config: ml_collections.ConfigDict):
+  return make_optimizer(config.learning_rate, config.warmup_steps, config.grad_clip_norm)
+
+
+def _init_state(config: ml_collections.ConfigDict) -> TrainState:
+  model = build_unet(config.model)
+  rng = jax.random.PRNGKey(config.seed)
+  size, channels = config.data.image_size, config.data.channels
+  params = model.init(jax.random.fold_in(rng, -1 % 2**31),
+                      jnp.zeros((1, size, size, channels), jnp.float32),
+                      jnp.zeros((1,), jnp.int32))["params"]
+  tx = make_tx(config)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=jax.tree.map(jnp.array, params), rng=rng)
+
+
+def create_train_state(config: ml_collections.ConfigDict,
+                       sharding: jax.sharding.Sharding | None = None) -> TrainState:
+  """A fresh train state for ``config`` (params from ``config.seed``), on ``sharding``."""
+  return jax.jit(functools.partial(_init_state, config), out_shardings=sharding)()
+
+
+def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
+  """Shapes and dtypes of the train state, for restoring a checkpoint."""
+  return jax.eval_shape(functools.partial(_init_state, config))
+
+
+def train_step(state: TrainState, batch: jax.Array, *, apply_fn, schedule: Schedule, tx,
+               ema_decay: float, skip_nonfinite: bool) -> tuple[TrainState, dict]:
+  """One step: the original's loss on ``batch``, Adam, the EMA; rngs from ``fold_in(step)``."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  loss, grads = jax.value_and_grad(diffusion.loss)(state.params, apply_fn, schedule, batch, rng)
+  new_state = apply_gradients(state, grads, tx, ema_decay)
+  finite = jnp.isfinite(loss)
+  if skip_nonfinite:
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    new_state = kept.replace(step=state.step + 1)
+  return new_state, {"loss": loss, "finite": finite}
+
+
+def make_mesh() -> Mesh:
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh):
+  """The jitted step: state replicated and donated, batch split on the ``data`` axis."""
+  replicated = NamedSharding(mesh, P())
+  step = functools.partial(
+      train_step, apply_fn=build_unet(config.model).apply, schedule=make_schedule(config),
+      tx=make_tx(config), ema_decay=config.ema_decay,
+      skip_nonfinite=config.nan_policy == "skip")
+  return jax.jit(step, in_shardings=(replicated, NamedSharding(mesh, P("data"))),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+def maybe_initialize_distributed() -> None:
+  """``jax.distributed.initialize()`` when a multi-process launch is described by the env.
+
+  Set ``JAX_COORDINATOR_ADDRESS`` (host:port), ``JAX_NUM_PROCESSES`` and
+  ``JAX_PROCESS_ID``; or run under SLURM / Open MPI, whose variables JAX reads itself.
+  """
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize(
+        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+        process_id=int(os.environ["JAX_PROCESS_ID"]))
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(
+      os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    jax.distributed.initialize()
+
+
+class _StopSignal:
+  """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.received: str | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class _Metrics:
+  """Collects per-step device metrics and writes ``metrics.jsonl`` lines (process 0)."""
+
+  def __init__(self, path: pathlib.Path, batch_size: int, config: ml_collections.ConfigDict,
+               write: bool):
+    self._path, self._batch_size, self._config, self._write = path, batch_size, config, write
+    self._pending: list[tuple[int, dict]] = []
+    self._last_time = time.perf_counter()
+    self._last_step: int | None = None
+    self.epoch_losses: list[float] = []
+
+  def add(self, step: int, metrics: dict) -> None:
+    self._pending.append((step, metrics))
+
+  def reset_clock(self, step: int) -> None:
+    self._last_time, self._last_step = time.perf_counter(), step
+
+  def flush(self) -> tuple[list[float], int | None]:
+    """Fetches pending metrics: their losses, and the first step whose loss was not finite."""
+    fetched = jax.device_get(self._pending)
+    self._pending = []
+    losses = [float(m["loss"]) for _, m in fetched]
+    bad = [s for s, m in fetched if not bool(m["finite"])]
+    self.epoch_losses.extend(l for l in losses if np.isfinite(l))
+    return losses, (bad[0] if bad else None)
+
+  def log(self, step: int, losses: list[float]) -> dict:
+    now = time.perf_counter()
+    steps = step - (self._last_step if self._last_step is not None else step - len(losses))
+    finite = [l for l in losses if np.isfinite(l)]
+    record = dict(step=step, loss=float(np.mean(finite)) if finite else float("nan"),
+                  lr=learning_rate_at(step, self._config.learning_rate, self._config.warmup_steps),
+                  img_per_s=steps * self._batch_size / max(now - self._last_time, 1e-9),
+                  time=time.time())
+    self._last_time, self._last_step = now, step
+    if self._write:
+      with open(self._path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return record
+
+
+def _num_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return config.num_epochs * steps_per_epoch
+
+
+def _prepare_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Creates the workdir, refuses an incompatible config, and writes ``config.json``."""
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create workdir {workdir}: {e.strerror}") from e
+  if not os.access(workdir, os.W_OK):
+    raise UserError(f"workdir {workdir} is not writable")
+  if (workdir / checkpoint.CONFIG_FILE).is_file():
+    check_resume_compatible(checkpoint.read_config(workdir), config)
+  if jax.process_index() == 0:
+    checkpoint.write_text_atomic(workdir / checkpoint.CONFIG_FILE, checkpoint.config_to_json(config))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains (or resumes) the run in ``workdir`` to the configured number of steps."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
+  mesh = make_mesh()
+  validate_config(config, num_devices=mesh.size)
+  workdir = pathlib.Path(workdir)
+  _prepare_workdir(config, workdir)
+  is_main = jax.process_index() == 0
+
+  images, _ = data.load_dataset(config.data, "train")
+  images = data.preprocess(images, config.data.image_size, config.data.range)
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+
+  mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
+  abstract = checkpoint.with_sharding(abstract_train_state(config), replicated)
+  found = checkpoint.restore_latest(mngr, abstract)
+  if found is None:
+    state, start_step = create_train_state(config, replicated), 0
+  else:
+    start_step, state, _ = found
+    print(f"Resuming {workdir} from step {start_step}", flush=True)
+
+  step_fn = make_train_step(config, mesh)
+  batches = data.BatchIterator(images, config.batch_size, config.seed, start_step=start_step,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count())
+  total = _num_steps(config, batches.steps_per_epoch)
+  metrics = _Metrics(workdir / checkpoint.METRICS_FILE, config.batch_size, config, is_main)
+  global_shape = (config.batch_size,) + images.shape[1:]
+
+  def save(step: int) -> None:
+    checkpoint.save(mngr, step, state, {"step": step, "epoch": step // batches.steps_per_epoch})
+
+  def check_finite(step: int, bad_step: int | None) -> None:
+    if bad_step is not None and config.nan_policy == "stop":
+      mngr.wait_until_finished()
+      last = mngr.latest_step()
+      kept = f"the last good checkpoint (step {last}) is kept" if last is not None else \
+          "no checkpoint was written"
+      raise UserError(f"loss is not finite at step {bad_step} (stopped at step {step}); {kept}; "
+                      "lower learning_rate, set grad_clip_norm, or set "
+                      "--config.nan_policy=skip to skip such steps")
+
+  bar = tqdm(total=total, initial=start_step, disable=not is_main, dynamic_ncols=True,
+             unit="step", file=sys.stderr)
+  step = start_step
+  metrics.reset_clock(step)
+  try:
+    with batches, _StopSignal() as stop:
+      while step < total and stop.received is None:
+        local = next(batches)
+        if jax.process_count() == 1:
+          batch = jax.device_put(local, batch_sharding)
+        else:
+          batch = jax.make_array_from_process_local_data(batch_sharding, local, global_shape)
+        state, step_metrics = step_fn(state, batch)
+        step += 1
+        metrics.add(step, step_metrics)
+        bar.update(1)
+        end_of_epoch = step % batches.steps_per_epoch == 0
+        if step % config.log_every_steps == 0 or step == total or end_of_epoch or \
+            step % config.checkpoint_every_steps == 0:
+          losses, bad = metrics.flush()
+          check_finite(step, bad)
+          if step % config.log_every_steps == 0 or step == total:
+            record = metrics.log(step, losses)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
+          if end_of_epoch and is_main:
+            epoch = step // batches.steps_per_epoch
+            epoch_loss = float(np.mean(metrics.epoch_losses)) if metrics.epoch_losses else float("nan")
+            bar.write(f"Epoch {epoch} | Loss {epoch_loss:.5f}")
+            metrics.epoch_losses = []
+        if step % config.checkpoint_every_steps == 0 and step < total:
+          save(step)
+      losses, bad = metrics.flush()
+      check_finite(step, bad)
+      if losses:
+        metrics.log(step, losses)
+      if step > start_step or found is None:
+        save(step)
+  finally:
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+  if stop.received is not None:
+    print(f"Stopped by {stop.received} at step {step}; checkpoint saved in {workdir}. "
+          "Run the same command again to resume.", flush=True)
+  return state
+
+
+def main(argv: list[str] | None = None) -> int:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  argv = sys.argv if argv is None else argv
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/mnist.py.",
+                                  flag_values=flag_values, lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.",
+                      flag_values=flag_values)
+  try:
+    flag_values(argv)
+    config = flag_values.config
+  except flags.Error as e:
+    raise UserError(" ".join(str(e).split())) from e
+  except (KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+    raise UserError(f"bad --config: {' '.join(str(e).split())}") from e
+  if config is None:
+    raise UserError("--config is required, e.g. --config configs/mnist.py")
+  if not flag_values.workdir:
+    raise UserError("--workdir is required, e.g. --workdir runs/mnist")
+  maybe_initialize_distributed()
+  train_and_evaluate(config, flag_values.workdir)
+  return 0
+
+
+if __name__ == "__main__":
+  run_cli(main)
