@@ -1,0 +1,43 @@
+"""Every shipped config loads, passes validation, and builds the UNet it describes."""
+
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from ddpm_jax.config_checks import validate_config
+from ddpm_jax.model import build_unet
+
+CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.py"))
+
+
+def load(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_is_valid_and_builds(path):
+  config = load(path)
+  assert "Run:" in path.read_text()  # Each config opens with the command that runs it.
+  validate_config(config)
+  model = build_unet(config.model)
+  size, ch = config.data.image_size, config.data.channels
+  out = jax.eval_shape(lambda: model.init_with_output(
+      jax.random.key(0), jnp.zeros((2, size, size, ch)), jnp.zeros((2,), jnp.int32))[0])
+  assert out.shape == (2, size, size, ch)
+
+
+def test_mnist_config_is_the_original():
+  config = load(pathlib.Path(__file__).parents[1] / "configs" / "mnist.py")
+  assert (config.batch_size, config.learning_rate, config.ema_decay, config.num_epochs) == (
+      64, 2e-5, 0.9999, 75)
+  assert tuple(config.model.channels) == (64, 128, 256, 512, 512, 384)
+  assert (config.model.num_groups, config.model.num_heads, config.model.dropout_rate) == (32, 8, 0.1)
+  assert (config.warmup_steps, config.grad_clip_norm, config.data.range) == (0, 0.0, "zero_one")
+  assert (config.schedule.num_steps, config.schedule.beta_start, config.schedule.beta_end) == (
+      1000, 1e-4, 0.02)
