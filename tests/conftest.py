@@ -29,7 +29,9 @@ def _torch_threads():
   except ImportError:
     yield
     return
-  torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+  # One thread: OpenMP workers that spin while XLA or another process holds the other core
+  # made a small forward pass 20x slower (measured); one thread costs little here.
+  torch.set_num_threads(1)
   yield
 
 

@@ -1,0 +1,317 @@
+"""Samples digits from a training run or from a checkpoint of the PyTorch original.
+
+  python -m ddpm_jax.sample (--workdir DIR | --torch_checkpoint FILE) --num_samples N
+      --sampler {ddpm,ddim} --num_steps K --seed S --out FILE.png [--npz FILE.npz]
+      [--reverse_strip FILE.png] [--use_ema | --no_use_ema] [--eta E] [--batch_size B]
+      [--overwrite] [--num_groups G --num_heads H]
+
+Weights: ``--workdir`` reads a ``ddpm_jax.train`` run (its config gives the architecture,
+the schedule and the data range); ``--torch_checkpoint`` reads the original's
+``{'weights', 'optimizer', 'ema'}`` file, whose shapes give the architecture except
+``num_groups`` and ``num_heads`` (flags, the original's 32 and 8 by default), with the
+original's schedule, 32x32 images and data in [0, 1]. EMA weights unless ``--no_use_ema``.
+
+Sample ``i`` depends only on ``--seed`` and ``i`` (its key is ``fold_in(key(seed), i)``), so
+the same seed gives the same images, bit for bit with the same ``--batch_size``. Batches are
+always full (the last one is padded with extra samples, then cut), so one compilation
+serves them all.
+
+Outputs: ``--out`` a grid PNG, ``--npz`` the raw float32 images ``[N, H, W, C]`` (not
+clipped, not rescaled) with ``seed``, ``data_range``, ``sampler``, ``num_steps`` (and
+``eta`` for DDIM), ``--reverse_strip`` the original's 10-frame reverse-process strip of
+the first 8 samples, one row each. Existing files are kept unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import pathlib
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from ddpm_jax import checkpoint, images, sampling
+from ddpm_jax.convert import infer_architecture, load_torch_checkpoint
+from ddpm_jax.data import DATA_RANGES
+from ddpm_jax.errors import UserError, run_cli
+from ddpm_jax.model import UNet, build_unet
+from ddpm_jax.schedule import Schedule, linear_schedule
+
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_DDIM_STEPS = 50
+STRIP_ROWS = 8
+MAX_SEED = 2**32 - 1  # jax.random.key folds larger seeds onto these.
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampleable:
+  """What sampling needs from a run or a checkpoint."""
+  model: UNet
+  params: Any
+  schedule: Schedule
+  data_range: str
+  image_shape: tuple[int, int, int]
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+  """An argparse parser whose errors are :class:`UserError` (one line, exit status 2)."""
+
+  def error(self, message: str):
+    raise UserError(message)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = _ArgumentParser(prog="python -m ddpm_jax.sample",
+                           description="Samples images with DDPM or DDIM.")
+  source = parser.add_argument_group("weights (exactly one)")
+  source.add_argument("--workdir", help="a ddpm_jax.train workdir")
+  source.add_argument("--torch_checkpoint", help="a checkpoint file of the PyTorch original")
+  parser.add_argument("--num_samples", type=int, default=16)
+  parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+  parser.add_argument("--num_steps", type=int, default=None,
+                      help=f"ddpm: T (the default); ddim: 1..T (default {DEFAULT_DDIM_STEPS})")
+  parser.add_argument("--eta", type=float, default=None,
+                      help="ddim only: 0 deterministic (default) .. 1 DDPM's posterior variance")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--batch_size", type=int, default=None,
+                      help=f"images per jitted call (default min(N, {DEFAULT_BATCH_SIZE}))")
+  parser.add_argument("--out", required=True, help="grid PNG")
+  parser.add_argument("--npz", help="raw images and sampling settings")
+  parser.add_argument("--reverse_strip", help=f"reverse-process PNG of the first {STRIP_ROWS}")
+  ema = parser.add_mutually_exclusive_group()
+  ema.add_argument("--use_ema", dest="use_ema", action="store_true", default=True,
+                   help="sample with the EMA weights (the default)")
+  ema.add_argument("--no_use_ema", dest="use_ema", action="store_false",
+                   help="sample with the raw weights")
+  parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+  parser.add_argument("--num_groups", type=int, default=None,
+                      help="--torch_checkpoint only: GroupNorm groups (default 32)")
+  parser.add_argument("--num_heads", type=int, default=None,
+                      help="--torch_checkpoint only: attention heads (default 8)")
+  return parser.parse_args(argv)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+  """Checks what does not need the weights."""
+  if (args.workdir is None) == (args.torch_checkpoint is None):
+    raise UserError("give exactly one of --workdir DIR and --torch_checkpoint FILE")
+  if args.num_samples <= 0:
+    raise UserError(f"--num_samples must be positive, got {args.num_samples}")
+  if args.batch_size is not None and args.batch_size <= 0:
+    raise UserError(f"--batch_size must be positive, got {args.batch_size}")
+  if not 0 <= args.seed <= MAX_SEED:
+    raise UserError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
+  if args.eta is not None:
+    if args.sampler != "ddim":
+      raise UserError("--eta applies only to --sampler ddim")
+    if not 0.0 <= args.eta <= 1.0:
+      raise UserError(f"--eta must be in [0, 1], got {args.eta}")
+  if args.workdir is not None and (args.num_groups is not None or args.num_heads is not None):
+    raise UserError("--num_groups and --num_heads apply only to --torch_checkpoint "
+                    "(a workdir's config has them)")
+  for flag in ("num_groups", "num_heads"):
+    value = getattr(args, flag)
+    if value is not None and value <= 0:
+      raise UserError(f"--{flag} must be positive, got {value}")
+
+
+def _check_outputs(paths: Sequence[str], overwrite: bool) -> None:
+  """Creates the outputs' directories; refuses directories, duplicates, and existing files."""
+  resolved = [pathlib.Path(p).resolve() for p in paths]
+  if len(set(resolved)) != len(resolved):
+    raise UserError(f"the output paths must differ, got {', '.join(paths)}")
+  for path, full in zip(paths, resolved):
+    if full.is_dir():
+      raise UserError(f"output {path} is a directory; give a file name")
+    if full.exists() and not overwrite:
+      raise UserError(f"output {path} exists; pass --overwrite to replace it")
+    try:
+      full.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise UserError(f"cannot create the directory of output {path}: "
+                      f"{e.strerror or type(e).__name__}") from e
+    if not os.access(full.parent, os.W_OK | os.X_OK):
+      raise UserError(f"cannot write output {path}: its directory is not writable")
+
+
+def _write_atomic(path: str, write: Callable[[Any], None]) -> None:
+  """Calls ``write(file)`` on a temporary file next to ``path``, then renames it to ``path``."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(tmp, "wb") as f:
+      write(f)
+    os.replace(tmp, path)
+  except OSError as e:
+    raise UserError(f"cannot write {path}: {e.strerror or type(e).__name__}") from e
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _load_workdir(workdir: str, use_ema: bool) -> Sampleable:
+  config, params, ema_params = checkpoint.load_run(workdir)
+  if config.data.range not in DATA_RANGES:
+    raise UserError(f"{workdir}: config data.range must be one of {', '.join(DATA_RANGES)}, "
+                    f"got {config.data.range!r}")
+  size, channels = config.data.image_size, config.data.channels
+  return Sampleable(
+      model=build_unet(config.model),
+      params=ema_params if use_ema else params,
+      schedule=linear_schedule(config.schedule.num_steps, config.schedule.beta_start,
+                               config.schedule.beta_end),
+      data_range=config.data.range,
+      image_shape=(size, size, channels))
+
+
+def _torch_architecture(path: str) -> dict | None:
+  """The ``UNet`` fields a checkpoint's shapes give, or None if it cannot be read as one.
+
+  Reads the file memory-mapped (shapes only) where torch can. On None,
+  ``load_torch_checkpoint`` reports what is wrong with the file.
+  """
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  checkpoint_dict = None
+  for mmap in (True, False):  # mmap needs torch.save's zip format.
+    try:
+      checkpoint_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+      break
+    except Exception:  # pylint: disable=broad-except
+      continue
+  if not isinstance(checkpoint_dict, Mapping):
+    return None
+  state_dict = next((checkpoint_dict[k] for k in ("ema", "weights") if k in checkpoint_dict),
+                    checkpoint_dict)
+  if not isinstance(state_dict, Mapping):
+    return None
+  try:
+    return infer_architecture(state_dict)
+  except UserError:
+    return None
+
+
+def _load_torch(path: str, use_ema: bool, num_groups: int | None,
+                num_heads: int | None) -> Sampleable:
+  arch = _torch_architecture(path)
+  if arch is None:
+    load_torch_checkpoint(path, use_ema)  # Raises a UserError saying what is wrong.
+    raise UserError(f"cannot read the architecture of {path}")
+  in_channels = arch.pop("in_channels")
+  model = UNet(**arch, num_groups=num_groups or UNet.num_groups,
+               num_heads=num_heads or UNet.num_heads)
+  for channels, attention in zip(model.channels, model.attentions):
+    if channels % model.num_groups or (attention and channels % model.num_heads):
+      raise UserError(f"{path}: a layer of {channels} channels does not split into "
+                      f"{model.num_groups} groups (or {model.num_heads} attention heads); "
+                      "give the checkpoint's --num_groups and --num_heads")
+  if model.out_channels != in_channels:
+    raise UserError(f"{path}: the model maps {in_channels} channel(s) to "
+                    f"{model.out_channels}; a noise predictor keeps the channel count")
+  return Sampleable(model=model, params=load_torch_checkpoint(path, use_ema, model),
+                    schedule=linear_schedule(), data_range="zero_one",
+                    image_shape=(32, 32, in_channels))
+
+
+def _num_steps(args: argparse.Namespace, num_train_steps: int) -> int:
+  if args.sampler == "ddpm":
+    if args.num_steps not in (None, num_train_steps):
+      raise UserError(f"--sampler ddpm runs all {num_train_steps} steps of the schedule; "
+                      f"got --num_steps {args.num_steps} (use --sampler ddim for fewer)")
+    return num_train_steps
+  if args.num_steps is None:
+    return min(DEFAULT_DDIM_STEPS, num_train_steps)
+  if not 1 <= args.num_steps <= num_train_steps:
+    raise UserError(f"--num_steps for ddim must be in 1..{num_train_steps}, "
+                    f"got {args.num_steps}")
+  return args.num_steps
+
+
+def generate(run: Sampleable, sampler: str, num_steps: int, eta: float, seed: int,
+             num_samples: int, batch_size: int, strip_rows: int = 0
+             ) -> tuple[np.ndarray, np.ndarray, float]:
+  """``(images [N, H, W, C], frames [F, strip_rows, H, W, C], first_batch_seconds)``.
+
+  Runs full batches of ``batch_size`` with a progress bar; with ``strip_rows = 0`` no
+  frames are collected (``F = 0``).
+  """
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  rng = jax.random.key(seed)
+  times = sampling.strip_times(run.schedule.num_steps) if strip_rows else ()
+  shape = (batch_size,) + run.image_shape
+  apply_fn = run.model.apply
+  out = np.empty((num_samples,) + run.image_shape, np.float32)
+  frames = []
+  first_batch_seconds = 0.0
+  start_time = time.perf_counter()
+  for start in tqdm(range(0, num_samples, batch_size), desc=f"{sampler}-{num_steps}",
+                    unit="batch"):
+    if sampler == "ddpm":
+      x, f = sampling.ddpm_sample(apply_fn, run.params, run.schedule, rng, shape, times,
+                                  first_index=start)
+    else:
+      x, f = sampling.ddim_sample(apply_fn, run.params, run.schedule, rng, shape, num_steps,
+                                  eta, times, first_index=start)
+    count = min(batch_size, num_samples - start)
+    out[start:start + count] = np.asarray(x[:count])
+    if start < strip_rows:
+      frames.append(np.asarray(f[:, :min(count, strip_rows - start)]))
+    if start == 0:
+      first_batch_seconds = time.perf_counter() - start_time
+  frames_array = (np.concatenate(frames, axis=1) if frames else
+                  np.zeros((0, 0) + run.image_shape, np.float32))
+  return out, frames_array, first_batch_seconds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parse_args(argv)
+  _check_args(args)
+  outputs = [p for p in (args.out, args.npz, args.reverse_strip) if p]
+  _check_outputs(outputs, args.overwrite)
+  if args.workdir is not None:
+    run, source = _load_workdir(args.workdir, args.use_ema), f"workdir {args.workdir}"
+  else:
+    run = _load_torch(args.torch_checkpoint, args.use_ema, args.num_groups, args.num_heads)
+    source = f"torch checkpoint {args.torch_checkpoint}"
+  num_steps = _num_steps(args, run.schedule.num_steps)
+  eta = 0.0 if args.eta is None else args.eta
+  batch_size = args.batch_size or min(args.num_samples, DEFAULT_BATCH_SIZE)
+  strip_rows = min(STRIP_ROWS, args.num_samples) if args.reverse_strip else 0
+
+  start_time = time.perf_counter()
+  samples, frames, first_seconds = generate(run, args.sampler, num_steps, eta, args.seed,
+                                            args.num_samples, batch_size, strip_rows)
+  seconds = time.perf_counter() - start_time
+
+  _write_atomic(args.out, lambda f: images.save_grid(f, samples, run.data_range))
+  if args.npz:
+    extra = {"eta": np.float32(eta)} if args.sampler == "ddim" else {}
+    _write_atomic(args.npz, lambda f: np.savez(
+        f, images=samples, seed=np.int64(args.seed), data_range=np.str_(run.data_range),
+        sampler=np.str_(args.sampler), num_steps=np.int32(num_steps), **extra))
+  if args.reverse_strip:
+    _write_atomic(args.reverse_strip, lambda f: images.save_strip(f, frames, run.data_range))
+
+  num_batches = math.ceil(args.num_samples / batch_size)
+  rate = f"{args.num_samples / seconds:.2f} img/s"
+  if num_batches > 1:
+    after = (args.num_samples - batch_size) / max(seconds - first_seconds, 1e-9)
+    rate += f", {after:.2f} img/s after the first batch"
+  else:
+    rate += " with compilation"
+  settings = f"{args.sampler}, {num_steps} steps" + (f", eta {eta:g}" if args.sampler == "ddim"
+                                                       else "")
+  print(f"sampled {args.num_samples} images ({settings}) from {source} in {seconds:.1f} s "
+        f"({rate}; first batch of {batch_size} with compilation {first_seconds:.1f} s) "
+        f"-> {', '.join(outputs)}", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  run_cli(main)

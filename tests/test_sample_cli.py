@@ -1,0 +1,154 @@
+"""``python -m ddpm_jax.sample``: outputs from a torch checkpoint and a workdir, same seed
+same images, and one-line errors."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import reference_torch as R
+from ddpm_jax import images, sample
+from ddpm_jax.errors import UserError
+from tests.conftest import QUARTER, randomize_norms, reference_kwargs
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+QUARTER_FLAGS = ["--num_groups", str(QUARTER["num_groups"]),
+                 "--num_heads", str(QUARTER["num_heads"])]
+
+
+def _run(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "ddpm_jax.sample", *map(str, args)], env=env,
+                        cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> pathlib.Path:
+  """A QUARTER-sized original UNET saved as the original does, with EMA != raw weights."""
+  torch.manual_seed(0)
+  model = R.UNET(**reference_kwargs(QUARTER))
+  optimizer, ema, _ = R.make_training(model)
+  randomize_norms(model, seed=1)  # After the EMA's copy, so the two weight sets differ.
+  path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
+  torch.save({"weights": model.state_dict(), "optimizer": optimizer.state_dict(),
+              "ema": ema.state_dict()}, path)
+  return path
+
+
+def _ddim_args(checkpoint, out_dir, *extra):
+  return ["--torch_checkpoint", checkpoint, *QUARTER_FLAGS, "--num_samples", 3,
+          "--batch_size", 2, "--sampler", "ddim", "--num_steps", 4, "--seed", 7,
+          "--out", out_dir / "grid.png", "--npz", out_dir / "samples.npz", *extra]
+
+
+def test_torch_checkpoint_outputs_and_same_seed_same_images(checkpoint, tmp_path):
+  first = _run(*_ddim_args(checkpoint, tmp_path / "a" / "nested",
+                           "--reverse_strip", tmp_path / "a" / "nested" / "strip.png"))
+  assert first.returncode == 0, first.stderr
+  assert "img/s" in first.stdout
+  out = tmp_path / "a" / "nested"
+  with np.load(out / "samples.npz") as npz:
+    samples = npz["images"]
+    assert samples.dtype == np.float32 and samples.shape == (3, 32, 32, 1)
+    assert np.isfinite(samples).all()
+    assert (int(npz["seed"]), str(npz["data_range"]), str(npz["sampler"]),
+            int(npz["num_steps"]), float(npz["eta"])) == (7, "zero_one", "ddim", 4, 0.0)
+  tile = 32 + images.PADDING
+  with Image.open(out / "grid.png") as grid:  # 3 images: 2 columns, 2 rows.
+    assert grid.format == "PNG" and grid.mode == "L"
+    assert grid.size == (2 * tile + images.PADDING, 2 * tile + images.PADDING)
+  with Image.open(out / "strip.png") as strip:  # One row of 10 frames per sample.
+    assert strip.size == (10 * tile + images.PADDING, 3 * tile + images.PADDING)
+
+  again = _run(*_ddim_args(checkpoint, tmp_path / "b"))
+  assert again.returncode == 0, again.stderr
+  with np.load(tmp_path / "b" / "samples.npz") as npz:
+    np.testing.assert_array_equal(npz["images"], samples)
+
+  raw = _run(*_ddim_args(checkpoint, tmp_path / "c", "--no_use_ema"))
+  assert raw.returncode == 0, raw.stderr
+  with np.load(tmp_path / "c" / "samples.npz") as npz:
+    assert not np.allclose(npz["images"], samples)
+
+
+def _error(argv) -> str:
+  with pytest.raises(UserError) as info:
+    sample.main([str(a) for a in argv])
+  return str(info.value)
+
+
+def test_argument_errors(checkpoint, tmp_path):
+  out = ["--out", tmp_path / "x.png"]
+  ckpt = ["--torch_checkpoint", checkpoint, *QUARTER_FLAGS]
+  cases = [
+      ([*out], "exactly one of --workdir"),
+      (["--workdir", tmp_path, *ckpt, *out], "exactly one of --workdir"),
+      ([*ckpt, "--num_samples", 0, *out], "--num_samples must be positive"),
+      ([*ckpt, "--batch_size", -1, *out], "--batch_size must be positive"),
+      ([*ckpt, "--seed", -1, *out], "--seed must be in"),
+      ([*ckpt, "--sampler", "ddim", "--eta", -0.5, *out], "--eta must be in"),
+      ([*ckpt, "--eta", 0.5, *out], "--eta applies only"),
+      ([*ckpt, "--sampler", "ddpm", "--num_steps", 50, *out], "runs all 1000 steps"),
+      ([*ckpt, "--sampler", "ddim", "--num_steps", 1001, *out], r"must be in 1\.\.1000"),
+      ([*ckpt, "--sampler", "ddim", "--num_steps", 0, *out], r"must be in 1\.\.1000"),
+      ([*ckpt, "--sampler", "plms", *out], "invalid choice"),
+      (["--workdir", tmp_path, "--num_groups", 8, *out], "apply only to --torch_checkpoint"),
+      (["--torch_checkpoint", tmp_path / "missing.pt", *out], "does not exist"),
+      (["--torch_checkpoint", checkpoint, *out], "does not split into 32 groups"),
+      ([*ckpt, "--out", tmp_path], "is a directory"),
+      ([*ckpt, *out, "--npz", tmp_path / "x.png"], "must differ"),
+      ([*ckpt, "--out", checkpoint / "x.png"], "cannot create the directory"),
+  ]
+  for argv, message in cases:
+    assert re.search(message, _error(argv)), (argv, message)
+  (tmp_path / "exists.png").write_bytes(b"keep me")
+  assert "--overwrite" in _error([*ckpt, "--out", tmp_path / "exists.png"])
+  assert (tmp_path / "exists.png").read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--out", "x.png"],  # Checked before any weights are read.
+    ["--sampler", "plms", "--out", "x.png"],  # An argparse error.
+    ["--torch_checkpoint", "{ckpt}", "--num_steps", 7, "--out", "{tmp}/x.png"],  # After.
+])
+def test_errors_are_one_line_with_exit_status_2(argv, checkpoint, tmp_path):
+  argv = [str(a).format(ckpt=checkpoint, tmp=tmp_path) for a in argv]
+  proc = _run(*argv)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+  assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.slow
+def test_workdir_round_trip(tmp_path):
+  """Trains the tiny config for 3 steps on a 50-step schedule, then samples it with DDPM."""
+  workdir = tmp_path / "run"
+  train = subprocess.run(
+      [sys.executable, "-m", "ddpm_jax.train", "--config", "configs/mnist_tiny.py",
+       "--workdir", str(workdir), "--config.num_train_steps=3", "--config.batch_size=4",
+       "--config.schedule.num_steps=50", "--config.model.time_steps=50"],
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=ROOT, capture_output=True, text=True,
+      timeout=600, check=False)
+  assert train.returncode == 0, train.stderr[-2000:]
+  out = tmp_path / "out"
+  proc = _run("--workdir", workdir, "--num_samples", 2, "--sampler", "ddpm", "--seed", 0,
+              "--out", out / "grid.png", "--npz", out / "samples.npz",
+              "--reverse_strip", out / "strip.png")
+  assert proc.returncode == 0, proc.stderr
+  assert "ddpm, 50 steps" in proc.stdout
+  with np.load(out / "samples.npz") as npz:
+    assert npz["images"].shape == (2, 32, 32, 1) and npz["images"].dtype == np.float32
+    assert int(npz["num_steps"]) == 50 and str(npz["data_range"]) == "zero_one"
+  with Image.open(out / "strip.png") as strip:
+    assert strip.size == (10 * (32 + images.PADDING) + images.PADDING,
+                          2 * (32 + images.PADDING) + images.PADDING)
+  proc = _run("--workdir", workdir, "--num_samples", 2, "--sampler", "ddim", "--num_steps", 51,
+              "--out", out / "other.png")
+  assert proc.returncode == 2 and "must be in 1..50" in proc.stderr
