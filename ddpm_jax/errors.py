@@ -8,6 +8,7 @@ traceback. Programming errors still raise normally, so bugs keep their traceback
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable, NoReturn
 
@@ -16,6 +17,13 @@ EXIT_USER_ERROR = 2
 
 class UserError(ValueError):
   """An error caused by input the user can fix; its message says how."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """An argparse parser whose errors are :class:`UserError` (one line, exit status 2)."""
+
+  def error(self, message: str):
+    raise UserError(message)
 
 
 def fail(message: str) -> NoReturn:

@@ -41,7 +41,7 @@ import numpy as np
 import scipy.linalg
 
 from ddpm_jax import data
-from ddpm_jax.errors import UserError, run_cli
+from ddpm_jax.errors import ArgumentParser, UserError, run_cli
 
 CLASSIFIER_PATH = pathlib.Path(__file__).parent / "assets" / "classifier.msgpack"
 IMAGE_SHAPE = (32, 32, 1)
@@ -285,15 +285,8 @@ def measure_against_bundled(samples: np.ndarray) -> tuple[dict[str, Any], dict[s
   return samples_measures, test_measures
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-  """An argparse parser whose errors are :class:`UserError` (one line, exit status 2)."""
-
-  def error(self, message: str):
-    raise UserError(message)
-
-
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = _ArgumentParser(
+  parser = ArgumentParser(
       prog="python -m ddpm_jax.evaluate",
       description="Measures the quality of generated 32x32 digits with a small classifier.",
   )

@@ -38,7 +38,7 @@ import numpy as np
 from ddpm_jax import checkpoint, images, sampling
 from ddpm_jax.convert import infer_architecture, load_torch_checkpoint
 from ddpm_jax.data import DATA_RANGES
-from ddpm_jax.errors import UserError, run_cli
+from ddpm_jax.errors import ArgumentParser, UserError, run_cli
 from ddpm_jax.model import UNet, build_unet
 from ddpm_jax.schedule import Schedule, linear_schedule
 
@@ -58,15 +58,8 @@ class Sampleable:
   image_shape: tuple[int, int, int]
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-  """An argparse parser whose errors are :class:`UserError` (one line, exit status 2)."""
-
-  def error(self, message: str):
-    raise UserError(message)
-
-
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = _ArgumentParser(prog="python -m ddpm_jax.sample",
+  parser = ArgumentParser(prog="python -m ddpm_jax.sample",
                            description="Samples images with DDPM or DDIM.")
   source = parser.add_argument_group("weights (exactly one)")
   source.add_argument("--workdir", help="a ddpm_jax.train workdir")
