@@ -27,6 +27,8 @@ SPLITS = ("train", "test")
 SOURCES = ("bundled", "idx", "tfds")
 TFDS_NAMES = ("mnist", "fashion_mnist", "cifar10")
 DATA_RANGES = ("zero_one", "minus_one_one")
+# The interval each data range maps pixels to.
+DATA_BOUNDS = {"zero_one": (0.0, 1.0), "minus_one_one": (-1.0, 1.0)}
 
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

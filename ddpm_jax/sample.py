@@ -37,7 +37,7 @@ import numpy as np
 
 from ddpm_jax import checkpoint, images, sampling
 from ddpm_jax.convert import infer_architecture, load_torch_checkpoint
-from ddpm_jax.data import DATA_RANGES
+from ddpm_jax.data import DATA_BOUNDS, DATA_RANGES
 from ddpm_jax.errors import ArgumentParser, UserError, run_cli
 from ddpm_jax.model import UNet, build_unet
 from ddpm_jax.schedule import Schedule, linear_schedule
@@ -70,6 +70,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help=f"ddpm: T (the default); ddim: 1..T (default {DEFAULT_DDIM_STEPS})")
   parser.add_argument("--eta", type=float, default=None,
                       help="ddim only: 0 deterministic (default) .. 1 DDPM's posterior variance")
+  parser.add_argument("--clip_denoised", action="store_true",
+                      help="ddim only: clip each predicted x0 to the data range (off, as the "
+                      "original; helps undertrained models)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--batch_size", type=int, default=None,
                       help=f"images per jitted call (default min(N, {DEFAULT_BATCH_SIZE}))")
@@ -104,6 +107,8 @@ def _check_args(args: argparse.Namespace) -> None:
       raise UserError("--eta applies only to --sampler ddim")
     if not 0.0 <= args.eta <= 1.0:
       raise UserError(f"--eta must be in [0, 1], got {args.eta}")
+  if args.clip_denoised and args.sampler != "ddim":
+    raise UserError("--clip_denoised applies only to --sampler ddim")
   if args.workdir is not None and (args.num_groups is not None or args.num_heads is not None):
     raise UserError("--num_groups and --num_heads apply only to --torch_checkpoint "
                     "(a workdir's config has them)")
@@ -227,12 +232,13 @@ def _num_steps(args: argparse.Namespace, num_train_steps: int) -> int:
 
 
 def generate(run: Sampleable, sampler: str, num_steps: int, eta: float, seed: int,
-             num_samples: int, batch_size: int, strip_rows: int = 0
-             ) -> tuple[np.ndarray, np.ndarray, float]:
+             num_samples: int, batch_size: int, strip_rows: int = 0,
+             clip_denoised: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
   """``(images [N, H, W, C], frames [F, strip_rows, H, W, C], first_batch_seconds)``.
 
   Runs full batches of ``batch_size`` with a progress bar; with ``strip_rows = 0`` no
-  frames are collected (``F = 0``).
+  frames are collected (``F = 0``). ``clip_denoised`` (DDIM) clips each predicted x0 to
+  the data range.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   rng = jax.random.key(seed)
@@ -249,8 +255,9 @@ def generate(run: Sampleable, sampler: str, num_steps: int, eta: float, seed: in
       x, f = sampling.ddpm_sample(apply_fn, run.params, run.schedule, rng, shape, times,
                                   first_index=start)
     else:
+      clip_x0 = DATA_BOUNDS[run.data_range] if clip_denoised else None
       x, f = sampling.ddim_sample(apply_fn, run.params, run.schedule, rng, shape, num_steps,
-                                  eta, times, first_index=start)
+                                  eta, times, first_index=start, clip_x0=clip_x0)
     count = min(batch_size, num_samples - start)
     out[start:start + count] = np.asarray(x[:count])
     if start < strip_rows:
@@ -279,12 +286,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   start_time = time.perf_counter()
   samples, frames, first_seconds = generate(run, args.sampler, num_steps, eta, args.seed,
-                                            args.num_samples, batch_size, strip_rows)
+                                            args.num_samples, batch_size, strip_rows,
+                                            args.clip_denoised)
   seconds = time.perf_counter() - start_time
 
   _write_atomic(args.out, lambda f: images.save_grid(f, samples, run.data_range))
   if args.npz:
-    extra = {"eta": np.float32(eta)} if args.sampler == "ddim" else {}
+    extra = ({"eta": np.float32(eta), "clip_denoised": np.bool_(args.clip_denoised)}
+             if args.sampler == "ddim" else {})
     _write_atomic(args.npz, lambda f: np.savez(
         f, images=samples, seed=np.int64(args.seed), data_range=np.str_(run.data_range),
         sampler=np.str_(args.sampler), num_steps=np.int32(num_steps), **extra))
@@ -298,8 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rate += f", {after:.2f} img/s after the first batch"
   else:
     rate += " with compilation"
-  settings = f"{args.sampler}, {num_steps} steps" + (f", eta {eta:g}" if args.sampler == "ddim"
-                                                       else "")
+  settings = f"{args.sampler}, {num_steps} steps"
+  if args.sampler == "ddim":
+    settings += f", eta {eta:g}" + (", x0 clipped" if args.clip_denoised else "")
   print(f"sampled {args.num_samples} images ({settings}) from {source} in {seconds:.1f} s "
         f"({rate}; first batch of {batch_size} with compilation {first_seconds:.1f} s) "
         f"-> {', '.join(outputs)}", flush=True)

@@ -127,7 +127,8 @@ def _ddim_coefficients(schedule: Schedule, steps: np.ndarray, eta: jax.Array):
   return a, a_prev, sigma, eps_coef
 
 
-def _ddim_step_fn(schedule: Schedule, steps: np.ndarray, eta: jax.Array) -> StepFn:
+def _ddim_step_fn(schedule: Schedule, steps: np.ndarray, eta: jax.Array,
+                  clip_x0: tuple[float, float] | None = None) -> StepFn:
   """Song et al.'s eq. 12 from ``steps[i]`` to ``steps[i + 1]`` (to alpha = 1 after the last).
 
   ``x0 = (z - sqrt(1 - a) eps) / sqrt(a)``;
@@ -135,12 +136,19 @@ def _ddim_step_fn(schedule: Schedule, steps: np.ndarray, eta: jax.Array) -> Step
   ``z_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma noise``.
   With every step and eta = 1, sigma^2 is the DDPM posterior variance. The frame is
   ``z_prev`` before the noise; after the last step it is ``x0``.
+
+  ``clip_x0 = (lo, hi)`` clips the predicted ``x0`` to the data range and re-derives
+  ``eps`` from it (the DDPM reference code's ``clip_denoised``); it keeps an undertrained
+  model's samples from drifting out of range. Off by default, as in the original.
   """
   a, a_prev, sigma, eps_coef = _ddim_coefficients(schedule, steps, eta)
 
   def step(i, t, z, eps, noise):
     del t
     x0 = (z - jnp.sqrt(1 - a[i]) * eps) / jnp.sqrt(a[i])
+    if clip_x0 is not None:
+      x0 = jnp.clip(x0, *clip_x0)
+      eps = (z - jnp.sqrt(a[i]) * x0) / jnp.sqrt(1 - a[i])
     mean = jnp.sqrt(a_prev[i]) * x0 + eps_coef[i] * eps
     return mean + sigma[i] * noise, mean
   return step
@@ -165,11 +173,11 @@ def _ddpm(apply_fn: ApplyFn, params: Any, schedule: Schedule, z_T: jax.Array,
 
 
 def _ddim(apply_fn: ApplyFn, params: Any, schedule: Schedule, z_T: jax.Array,
-          noise_fn: NoiseFn, num_steps: int, eta: jax.Array, snapshot_times: Sequence[int]
-          ) -> tuple[jax.Array, jax.Array]:
+          noise_fn: NoiseFn, num_steps: int, eta: jax.Array, snapshot_times: Sequence[int],
+          clip_x0: tuple[float, float] | None) -> tuple[jax.Array, jax.Array]:
   steps = ddim_timesteps(schedule.num_steps, num_steps)
   slots = _frame_slots(steps, snapshot_times, schedule.num_steps)
-  step_fn = _ddim_step_fn(schedule, steps, jnp.asarray(eta, jnp.float32))
+  step_fn = _ddim_step_fn(schedule, steps, jnp.asarray(eta, jnp.float32), clip_x0)
   return _reverse_scan(apply_fn, params, z_T, steps, slots, step_fn, noise_fn)
 
 
@@ -186,10 +194,12 @@ def ddpm_sample_from(apply_fn: ApplyFn, params: Any, schedule: Schedule, z_T: ja
   return _ddpm(apply_fn, params, schedule, z_T, lambda i, t: noise[t], snapshot_times)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "num_steps", "snapshot_times"))
+@functools.partial(jax.jit,
+                   static_argnames=("apply_fn", "num_steps", "snapshot_times", "clip_x0"))
 def ddim_sample_from(apply_fn: ApplyFn, params: Any, schedule: Schedule, z_T: jax.Array,
                      noise: jax.Array, num_steps: int, eta: float = 0.0,
-                     snapshot_times: Sequence[int] = REVERSE_TIMES
+                     snapshot_times: Sequence[int] = REVERSE_TIMES,
+                     clip_x0: tuple[float, float] | None = None
                      ) -> tuple[jax.Array, jax.Array]:
   """DDIM from a given ``z_T``; ``noise[i]`` (``[K, B, H, W, C]``) follows the i-th update.
 
@@ -197,7 +207,7 @@ def ddim_sample_from(apply_fn: ApplyFn, params: Any, schedule: Schedule, z_T: ja
   frame time f (two frame times may share a step when K is small).
   """
   return _ddim(apply_fn, params, schedule, z_T, lambda i, t: noise[i], num_steps, eta,
-               snapshot_times)
+               snapshot_times, clip_x0)
 
 
 def example_keys(rng: jax.Array, first_index: int, count: int) -> jax.Array:
@@ -225,12 +235,13 @@ def _ddpm_from_keys(apply_fn, params, schedule, keys, image_shape, snapshot_time
   return _ddpm(apply_fn, params, schedule, z_T, noise_fn, snapshot_times)
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("apply_fn", "image_shape", "num_steps", "snapshot_times"))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "image_shape", "num_steps",
+                                             "snapshot_times", "clip_x0"))
 def _ddim_from_keys(apply_fn, params, schedule, keys, image_shape, num_steps, eta,
-                    snapshot_times):
+                    snapshot_times, clip_x0):
   z_T, noise_fn = _initial_and_noise(keys, image_shape)
-  return _ddim(apply_fn, params, schedule, z_T, noise_fn, num_steps, eta, snapshot_times)
+  return _ddim(apply_fn, params, schedule, z_T, noise_fn, num_steps, eta, snapshot_times,
+               clip_x0)
 
 
 def _place(keys: jax.Array, params: Any) -> tuple[jax.Array, Any]:
@@ -265,13 +276,16 @@ def ddpm_sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, rng: jax.Arr
 def ddim_sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, rng: jax.Array,
                 shape: Sequence[int], num_steps: int, eta: float = 0.0,
                 snapshot_times: Sequence[int] = REVERSE_TIMES,
-                first_index: int = 0) -> tuple[jax.Array, jax.Array]:
+                first_index: int = 0, clip_x0: tuple[float, float] | None = None
+                ) -> tuple[jax.Array, jax.Array]:
   """DDIM over :func:`ddim_timesteps` for a batch ``shape``: ``(x_0, frames)``.
 
   ``eta = 0`` is deterministic given ``z_T``; ``eta = 1`` adds DDPM's posterior-variance
   noise. Each frame is taken at the subsequence step nearest its snapshot time.
+  ``clip_x0 = (lo, hi)`` clips each predicted x0 to the data range (off by default).
   """
   _check_eta(eta)
   keys, params = _place(example_keys(rng, first_index, shape[0]), params)
   return _ddim_from_keys(apply_fn, params, schedule, keys, tuple(shape[1:]), num_steps,
-                         eta, frame_times(snapshot_times))
+                         eta, frame_times(snapshot_times),
+                         None if clip_x0 is None else tuple(map(float, clip_x0)))

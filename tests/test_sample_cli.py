@@ -94,6 +94,7 @@ def test_argument_errors(checkpoint, tmp_path):
       ([*ckpt, "--seed", -1, *out], "--seed must be in"),
       ([*ckpt, "--sampler", "ddim", "--eta", -0.5, *out], "--eta must be in"),
       ([*ckpt, "--eta", 0.5, *out], "--eta applies only"),
+      ([*ckpt, "--clip_denoised", *out], "--clip_denoised applies only"),
       ([*ckpt, "--sampler", "ddpm", "--num_steps", 50, *out], "runs all 1000 steps"),
       ([*ckpt, "--sampler", "ddim", "--num_steps", 1001, *out], r"must be in 1\.\.1000"),
       ([*ckpt, "--sampler", "ddim", "--num_steps", 0, *out], r"must be in 1\.\.1000"),

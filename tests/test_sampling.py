@@ -203,6 +203,17 @@ def test_samplers_recover_a_point_mass(sampler, num_steps, eta):
   assert np.abs(np.asarray(frames[0])).max() > 1.0  # Still mostly noise at t = 999.
 
 
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_clip_x0_keeps_predictions_in_the_data_range(eta):
+  """Data that is always 2.0 lies outside [0, 1]: clipping each predicted x0 gives 1.0."""
+  rng = jax.random.key(4)
+  free, _ = sampling.ddim_sample(_point_mass_eps(2.0), {}, SCHEDULE, rng, SHAPE, 10, eta)
+  clipped, _ = sampling.ddim_sample(_point_mass_eps(2.0), {}, SCHEDULE, rng, SHAPE, 10, eta,
+                                    clip_x0=(0.0, 1.0))
+  assert np.abs(np.asarray(free) - 2.0).max() <= 1e-3
+  np.testing.assert_allclose(clipped, 1.0, atol=1e-5)
+
+
 def test_same_seed_same_images_and_batches_do_not_matter():
   f = _wave_eps_jax
   x0, frames0 = sampling.ddpm_sample(f, {}, SCHEDULE, jax.random.key(0), (4, 32, 32, 1))
