@@ -241,3 +241,24 @@ def test_adam_and_ema_arithmetic_match_torch_given_the_same_gradients():
   np.testing.assert_allclose(np.asarray(state.ema_params["w"]), ema.module.w.detach().numpy(),
                              rtol=0, atol=5e-7)
   assert int(state.step) == 5
+
+
+def test_upconv_equals_flax_conv_transpose_and_torch():
+  """UpConv (one 3x3 conv + depth-to-space) is PyTorch's ConvTranspose2d(C, F, 4, 2, 1),
+  and equals Flax's input-dilated ConvTranspose with the same parameters."""
+  import flax.linen as nn
+  from ddpm_jax.model import UpConv
+  torch.manual_seed(0)
+  ref = torch.nn.ConvTranspose2d(12, 6, 4, stride=2, padding=1)
+  x = np.random.default_rng(0).standard_normal((2, 12, 5, 7)).astype(np.float32)
+  params = {"kernel": ref.weight.detach().numpy().transpose(2, 3, 1, 0),
+            "bias": ref.bias.detach().numpy()}
+  with torch.no_grad():
+    y_ref = ref(torch.from_numpy(x)).numpy()
+  y = UpConv(6).apply({"params": params}, jnp.asarray(nchw_to_nhwc(x)))
+  assert y.shape == (2, 10, 14, 6)
+  assert np.abs(nhwc_to_nchw(y) - y_ref).max() <= 1e-5
+  flax_t = nn.ConvTranspose(6, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
+                            transpose_kernel=True)
+  np.testing.assert_allclose(y, flax_t.apply({"params": params}, jnp.asarray(nchw_to_nhwc(x))),
+                             atol=1e-5)
