@@ -24,5 +24,18 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# The CPU demo: train the tiny config on the bundled digits, then sample and evaluate.
+# Re-running resumes the finished run (nothing to train) and rewrites the same samples.
+demo: $(STAMP)
+	$(PY) -m ddpm_jax.train --config configs/mnist_tiny.py --workdir $(DEMO_DIR)
+	$(PY) -m ddpm_jax.sample --workdir $(DEMO_DIR) --sampler ddim --num_steps 50 \
+	  --num_samples 64 --seed 0 --out $(DEMO_DIR)/samples.png --npz $(DEMO_DIR)/samples.npz \
+	  --reverse_strip $(DEMO_DIR)/reverse.png --overwrite
+	$(PY) -m ddpm_jax.evaluate --samples $(DEMO_DIR)/samples.npz > $(DEMO_DIR)/evaluation.txt
+	cat $(DEMO_DIR)/evaluation.txt
+
+bench: $(STAMP)
+	$(PY) scripts/bench.py --config configs/mnist_tiny.py --json bench_cpu.json
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,21 +1,31 @@
 """A run's workdir: orbax checkpoints of the train state, and the resolved config.
 
-Layout (see CONTRACT): ``DIR/checkpoints/<step>/`` (orbax; written to a temporary name and
-committed by rename, so a kill never leaves a half-written step that looks complete),
-``DIR/config.json`` and ``DIR/metrics.jsonl``. Restoring tries the newest step first and
-falls back to older ones when a step cannot be read, deleting nothing.
+Layout (see CONTRACT): ``DIR/checkpoints/<step>/`` (orbax; written to
+``<step>.orbax-checkpoint-tmp`` and committed by a rename, so a kill never leaves a
+half-written step that looks complete), ``DIR/config.json`` and ``DIR/metrics.jsonl``.
+Old steps are renamed into ``checkpoints/todelete/`` before they are deleted, so a kill
+never leaves a half-deleted one either. Each checkpoint's JSON meta holds a CRC32 of every
+array, checked on restore: restoring tries the newest step first and falls back to older
+ones when a step cannot be read or does not match its checksums, deleting nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import gc
 import json
 import logging
 import os
 import pathlib
+import shutil
+import sys
+import zlib
 from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from ddpm_jax.errors import UserError
@@ -23,8 +33,9 @@ from ddpm_jax.errors import UserError
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
-
-log = logging.getLogger(__name__)
+UNREADABLE = "checkpoints_unreadable"  # Where training moves steps it cannot read.
+_TODELETE = "todelete"  # Inside CHECKPOINTS: old steps on their way out.
+_CHECKSUMS = "crc32"
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:
@@ -51,43 +62,168 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 def manager(workdir: str | os.PathLike, keep: int = 3, read_only: bool = False
             ) -> ocp.CheckpointManager:
+  """The run's checkpoint manager; a writer also clears what a kill left half-done."""
   directory = pathlib.Path(workdir).absolute() / CHECKPOINTS
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                         read_only=read_only)
-  return ocp.CheckpointManager(directory, options=options)
+  if read_only:
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                           save_interval_steps=0)
+  else:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, todelete_subdir=_TODELETE,
+                                           cleanup_tmp_directories=True)
+  mngr = ocp.CheckpointManager(directory, options=options)
+  if not read_only:
+    _empty_todelete(mngr)
+  return mngr
+
+
+def _empty_todelete(mngr: ocp.CheckpointManager) -> None:
+  if jax.process_index() == 0:
+    shutil.rmtree(pathlib.Path(mngr.directory) / _TODELETE, ignore_errors=True)
+
+
+def _checksums(state: Any) -> dict[str, int]:
+  leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state))
+  return {jax.tree_util.keystr(path): zlib.crc32(np.ascontiguousarray(x))
+          for path, x in leaves}
+
+
+def _write_error(mngr: ocp.CheckpointManager, step: int, error: Exception) -> UserError:
+  """One line for a checkpoint that could not be written: why, and what is kept."""
+  text = " ".join(str(error).split())
+  if isinstance(error, OSError) and error.errno:
+    reason = os.strerror(error.errno)
+  else:  # tensorstore reports errno text inside a ValueError.
+    reason = next((os.strerror(n) for n in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS)
+                   if os.strerror(n) in text), f"{type(error).__name__}: {text[:200]}")
+  hint = ("free some disk space (or lower keep_checkpoints)"
+          if reason in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT)) else "fix that")
+  try:
+    mngr.reload()
+    kept = [s for s in mngr.all_steps() if s != step]
+  except OSError:
+    kept = []
+  kept_text = (f"the earlier checkpoints are kept (newest: step {max(kept)})" if kept
+               else "there is no earlier checkpoint")
+  return UserError(f"cannot write the checkpoint of step {step} in {mngr.directory} ({reason}); "
+                   f"{kept_text}. To resume, {hint} and run the same command again")
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-  """Saves ``state`` and a JSON ``meta`` dict at ``step`` (asynchronously; see ``wait``)."""
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          meta=ocp.args.JsonSave(meta)), force=True)
+  """Starts saving ``state`` and a JSON ``meta`` dict at ``step``; see :func:`finish`.
+
+  The meta also gets a CRC32 of each array of ``state``, for :func:`restore_latest`.
+  Raises :class:`UserError` if the checkpoint cannot be written.
+  """
+  meta = dict(meta, **{_CHECKSUMS: _checksums(state)})
+  try:
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            meta=ocp.args.JsonSave(meta)), force=True)
+  except Exception as e:  # orbax/tensorstore raise many types for a failed write.
+    raise _write_error(mngr, step, e) from e
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any
-                   ) -> tuple[int, Any, dict] | None:
+def finish(mngr: ocp.CheckpointManager, step: int) -> None:
+  """Waits for the save of ``step`` to commit; :class:`UserError` if it could not be written."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:  # orbax/tensorstore raise many types for a failed write.
+    raise _write_error(mngr, step, e) from e
+  _empty_todelete(mngr)
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads():
+  """Silences the log records (asyncio's, orbax's) of a failed read; one line replaces them."""
+  loggers = [logging.getLogger(name) for name in ("asyncio", "absl")]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(logging.CRITICAL)
+  hook = sys.unraisablehook
+  try:
+    yield
+  finally:
+    # Collects the failed read's tasks and coroutines now, with their complaints.
+    sys.unraisablehook = lambda unraisable: None
+    gc.collect()
+    sys.unraisablehook = hook
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
+  with _quiet_failed_reads():
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+  meta = dict(restored["meta"] or {})
+  expected = meta.pop(_CHECKSUMS, None)
+  if expected is not None:
+    bad = [k for k, v in _checksums(restored["state"]).items() if expected.get(k) != v]
+    if bad:
+      raise ValueError(f"{len(bad)} array(s) do not match their checksums, e.g. "
+                       f"state{bad[0]}")
+  return restored["state"], meta
+
+
+def _reason(error: BaseException) -> str:
+  """The root cause of ``error``, in one line of at most 240 characters."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+  text = " ".join(text.split()).split(" [tensorstore_spec")[0]
+  text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+  return text if len(text) <= 240 else text[:237] + "..."
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
+                   set_aside: bool = False) -> tuple[int, Any, dict] | None:
   """``(step, state, meta)`` of the newest readable checkpoint, or None if there is none.
 
-  An unreadable step (truncated file, missing item, another tree) is reported in one
-  line and skipped; if no step can be read, :class:`UserError` says so. Nothing is deleted.
+  A step that cannot be read (a truncated or missing file, another tree, an array that does
+  not match its checksum) is skipped and reported in one line on stderr. With ``set_aside``
+  (training, which writes those steps again) the skipped steps are moved to
+  ``DIR/checkpoints_unreadable/``. Nothing is deleted. If no step can be read,
+  :class:`UserError` says so and nothing is moved.
   """
+  mngr.reload()
   steps = sorted(mngr.all_steps(), reverse=True)
   if not steps:
     return None
+  directory = pathlib.Path(mngr.directory)
   problems = []
   for step in steps:
     try:
-      restored = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      state, meta = _restore(mngr, step, abstract_state)
     except Exception as e:  # orbax/tensorstore raise many types for a damaged checkpoint.
-      reason = " ".join(str(e).split())[:200] or type(e).__name__
-      problems.append(f"step {step}: {reason}")
-      log.warning("checkpoint at step %d is unreadable (%s); trying an older one", step, reason)
-      print(f"warning: checkpoint at step {step} is unreadable ({type(e).__name__}); "
-            "trying an older one", flush=True)
+      problems.append((step, _reason(e)))
       continue
-    return step, restored["state"], dict(restored["meta"] or {})
-  raise UserError(f"no readable checkpoint in {mngr.directory} ({'; '.join(problems)}); "
-                  "move the checkpoints directory away to start afresh")
+    for bad, reason in problems:
+      where = "skipped it"
+      if set_aside:
+        where = f"moved it to {_set_aside(directory / str(bad), directory.parent / UNREADABLE)}"
+      print(f"warning: checkpoint step {bad} in {directory} is unreadable ({reason}); {where} "
+            f"and used step {step}", file=sys.stderr, flush=True)
+    if set_aside and problems:
+      mngr.reload()
+    return step, state, meta
+  details = "; ".join(f"step {step}: {reason}" for step, reason in problems)
+  raise UserError(f"no readable checkpoint in {directory} ({details}); move the checkpoints "
+                  "directory away to start afresh")
+
+
+def _set_aside(path: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
+  """Moves ``path`` into ``folder`` under a name not yet taken there (process 0 only)."""
+  target = folder / path.name
+  n = 0
+  while target.exists():
+    n += 1
+    target = folder / f"{path.name}.{n}"
+  if jax.process_index() == 0:
+    folder.mkdir(exist_ok=True)
+    os.replace(path, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"ddpm_jax set aside {path}")
+  return target
 
 
 def with_sharding(abstract: Any, sharding: jax.sharding.Sharding | None) -> Any:

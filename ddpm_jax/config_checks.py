@@ -25,6 +25,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   m = config.model
   channels = tuple(m.channels)
   n = len(channels)
+  _require(all(isinstance(c, int) and not isinstance(c, bool) for c in channels),
+           "model.channels must be whole numbers, e.g. "
+           f"--config.model.channels='(16,32,64,128,128,96)'; got {channels}")
   _require(n >= 2 and n % 2 == 0, f"model.channels needs an even number (>= 2) of entries, "
            f"one per UNet layer; got {n}")
   _require(len(m.attentions) == n and len(m.upscales) == n,
@@ -97,12 +100,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
            f"nan_policy must be one of {', '.join(NAN_POLICIES)}; got {config.nan_policy!r}")
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_config(d: Any, prefix: str = "") -> dict[str, Any]:
+  """``{'model.channels': [...], ...}``: a config's leaves by dotted key, sequences as lists."""
   out = {}
   for k, v in dict(d).items():
     key = f"{prefix}{k}"
     if isinstance(v, (dict, ml_collections.ConfigDict)):
-      out.update(_flatten(v, key + "."))
+      out.update(flatten_config(v, key + "."))
     else:
       out[key] = list(v) if isinstance(v, (list, tuple)) else v
   return out
@@ -111,7 +115,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def check_resume_compatible(saved: ml_collections.ConfigDict,
                             config: ml_collections.ConfigDict) -> None:
   """Refuses to resume a workdir with a config whose architecture or data shape differs."""
-  old, new = _flatten(saved.to_dict()), _flatten(config.to_dict())
+  old, new = flatten_config(saved.to_dict()), flatten_config(config.to_dict())
   differing = [k for k in sorted(set(old) | set(new))
                if any(k == a or k.startswith(a + ".") for a in ARCHITECTURE_KEYS)
                and old.get(k) != new.get(k)]

@@ -46,8 +46,5 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.checkpoint_every_steps = 2000
   config.keep_checkpoints = 3
-  config.sample_every_steps = 0  # > 0 writes a sample grid to the workdir
-  config.sample_num_images = 16
-  config.sample_num_steps = 50  # DDIM steps for those grids
   config.nan_policy = "stop"  # 'stop' or 'skip' a step whose loss is not finite
   return config

@@ -9,23 +9,27 @@ resumed from a checkpoint continues bit for bit as if it had never stopped.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import functools
+import importlib.util
 import json
+import logging
 import os
 import pathlib
 import signal
 import sys
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddpm_jax import checkpoint, data, diffusion
-from ddpm_jax.config_checks import check_resume_compatible, validate_config
+from ddpm_jax.config_checks import check_resume_compatible, flatten_config, validate_config
 from ddpm_jax.errors import UserError, run_cli
 from ddpm_jax.model import build_unet
 from ddpm_jax.schedule import Schedule, linear_schedule
@@ -66,11 +70,16 @@ def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
 
 def train_step(state: TrainState, batch: jax.Array, *, apply_fn, schedule: Schedule, tx,
                ema_decay: float, skip_nonfinite: bool) -> tuple[TrainState, dict]:
-  """One step: the original's loss on ``batch``, Adam, the EMA; rngs from ``fold_in(step)``."""
+  """One step: the original's loss on ``batch``, Adam, the EMA; rngs from ``fold_in(step)``.
+
+  ``finite`` says the loss and every gradient were finite; with ``skip_nonfinite`` a step
+  where they were not leaves the state as it was, except for the step count.
+  """
   rng = jax.random.fold_in(state.rng, state.step)
   loss, grads = jax.value_and_grad(diffusion.loss)(state.params, apply_fn, schedule, batch, rng)
   new_state = apply_gradients(state, grads, tx, ema_decay)
-  finite = jnp.isfinite(loss)
+  finite = jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda g: jnp.isfinite(g).all(), grads),
+                           jnp.isfinite(loss))
   if skip_nonfinite:
     kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     new_state = kept.replace(step=state.step + 1)
@@ -192,28 +201,44 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (or resumes) the run in ``workdir`` to the configured number of steps."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-
   mesh = make_mesh()
   validate_config(config, num_devices=mesh.size)
   workdir = pathlib.Path(workdir)
   _prepare_workdir(config, workdir)
-  is_main = jax.process_index() == 0
 
   images, _ = data.load_dataset(config.data, "train")
   images = data.preprocess(images, config.data.image_size, config.data.range)
+  if len(images) < config.batch_size:  # Said before anything compiles.
+    raise UserError(f"the data set has {len(images)} images, fewer than one batch of "
+                    f"{config.batch_size}; lower batch_size")
   replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
 
   mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
-  abstract = checkpoint.with_sharding(abstract_train_state(config), replicated)
-  found = checkpoint.restore_latest(mngr, abstract)
-  if found is None:
-    state, start_step = create_train_state(config, replicated), 0
-  else:
-    start_step, state, _ = found
-    print(f"Resuming {workdir} from step {start_step}", flush=True)
+  try:
+    # Unreadable steps newer than the one restored are set aside: this run writes them again.
+    abstract = checkpoint.with_sharding(abstract_train_state(config), replicated)
+    found = checkpoint.restore_latest(mngr, abstract, set_aside=True)
+    if found is None:
+      state, start_step = create_train_state(config, replicated), 0
+    else:
+      start_step, state, _ = found
+      print(f"Resuming {workdir} from step {start_step}", flush=True)
+    return _train(config, workdir, mngr, images, state, start_step, found is not None, mesh)
+  finally:
+    # Waits for a save still running when an error came (its own error, if any, is dropped).
+    with contextlib.suppress(Exception):
+      mngr.wait_until_finished()
+    mngr.close()
 
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+           mngr: ocp.CheckpointManager, images: np.ndarray, state: TrainState, start_step: int,
+           found: bool, mesh: Mesh) -> TrainState:
+  """The loop: steps, metrics, checkpoints, until ``num_train_steps`` or a stop signal."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
+  is_main = jax.process_index() == 0
+  batch_sharding = NamedSharding(mesh, P("data"))
   step_fn = make_train_step(config, mesh)
   batches = data.BatchIterator(images, config.batch_size, config.seed, start_step=start_step,
                                process_index=jax.process_index(),
@@ -222,17 +247,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   metrics = _Metrics(workdir / checkpoint.METRICS_FILE, config.batch_size, config, is_main)
   global_shape = (config.batch_size,) + images.shape[1:]
 
+  pending = None  # The step whose checkpoint is still being written in the background.
+
+  def finish_save() -> None:
+    nonlocal pending
+    if pending is not None:
+      saving, pending = pending, None
+      checkpoint.finish(mngr, saving)
+
   def save(step: int) -> None:
+    nonlocal pending
+    finish_save()
     checkpoint.save(mngr, step, state, {"step": step, "epoch": step // batches.steps_per_epoch})
+    pending = step
 
   def check_finite(step: int, bad_step: int | None) -> None:
     if bad_step is not None and config.nan_policy == "stop":
-      mngr.wait_until_finished()
+      finish_save()
       last = mngr.latest_step()
       kept = f"the last good checkpoint (step {last}) is kept" if last is not None else \
           "no checkpoint was written"
-      raise UserError(f"loss is not finite at step {bad_step} (stopped at step {step}); {kept}; "
-                      "lower learning_rate, set grad_clip_norm, or set "
+      raise UserError(f"the loss or its gradient is not finite at step {bad_step} (stopped at "
+                      f"step {step}); {kept}; lower learning_rate, set grad_clip_norm, or set "
                       "--config.nan_policy=skip to skip such steps")
 
   bar = tqdm(total=total, initial=start_step, disable=not is_main, dynamic_ncols=True,
@@ -270,41 +306,103 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       check_finite(step, bad)
       if losses:
         metrics.log(step, losses)
-      if step > start_step or found is None:
+      if step > start_step or not found:
         save(step)
+      finish_save()
   finally:
     bar.close()
-    mngr.wait_until_finished()
-    mngr.close()
   if stop.received is not None:
     print(f"Stopped by {stop.received} at step {step}; checkpoint saved in {workdir}. "
           "Run the same command again to resume.", flush=True)
   return state
 
 
-def main(argv: list[str] | None = None) -> int:
+def _config_file_arg(argv: list[str]) -> str | None:
+  """The value of ``--config`` in ``argv`` (``--config=FILE`` or ``--config FILE``)."""
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _flag_error(error: Exception) -> str:
+  """absl's message for a bad flag, without the traceback ml_collections puts in some."""
+  text = str(error)
+  if "Traceback (most recent call last)" in text:
+    text = f"{text.split(':', 1)[0]}: {text.strip().splitlines()[-1]}"
+  return " ".join(text.split())
+
+
+def _unknown_key(error: LookupError | AttributeError, argv: list[str], path: str) -> str | None:
+  """Names the ``--config.KEY`` override whose key the config does not have, if any."""
+  arg = error.args[0] if error.args else ""
+  if isinstance(arg, LookupError):  # ml_collections wraps the KeyError in an AttributeError.
+    arg = arg.args[0] if arg.args else ""
+  key = (str(arg).splitlines() or [""])[0].strip("'\"")
+  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  override = next((o for o in overrides if key in o.split(".")), None)
+  if override is None:
+    return None
+  try:
+    known = list(flatten_config(_load_config_file(path)))
+  except Exception:  # pylint: disable=broad-except  # Only for the hint.
+    known = []
+  close = difflib.get_close_matches(override, known, n=1)
+  hint = f"did you mean --config.{close[0]}?" if close else f"the keys are those in {path}"
+  return f"unknown config key {override!r} in --config.{override}; {hint}"
+
+
+def _load_config_file(path: str) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location("ddpm_jax_user_config", path.split(":", 1)[0])
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _parse_flags(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
+  """``(config, workdir)`` from the command line; :class:`UserError` for a bad one."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-  argv = sys.argv if argv is None else argv
+  path = _config_file_arg(argv)
+  if path is None:
+    raise UserError("--config is required, e.g. --config configs/mnist.py")
+  if not os.path.isfile(path.split(":", 1)[0]):
+    raise UserError(f"config file {path.split(':', 1)[0]} does not exist; e.g. "
+                    "--config configs/mnist.py")
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/mnist.py.",
-                                  flag_values=flag_values, lock_config=True)
+                                  flag_values=flag_values, lock_config=True, sys_argv=argv)
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.",
                       flag_values=flag_values)
   try:
-    flag_values(argv)
+    rest = flag_values(argv)
     config = flag_values.config
   except flags.Error as e:
-    raise UserError(" ".join(str(e).split())) from e
-  except (KeyError, AttributeError, TypeError, ValueError, OSError) as e:
-    raise UserError(f"bad --config: {' '.join(str(e).split())}") from e
-  if config is None:
-    raise UserError("--config is required, e.g. --config configs/mnist.py")
+    raise UserError(_flag_error(e)) from e
+  except Exception as e:  # The config file is user code: report its error in one line.
+    message = _unknown_key(e, argv, path) if isinstance(e, (LookupError, AttributeError)) else None
+    overrides = " with its --config.KEY=VALUE overrides" if "--config." in " ".join(argv) else ""
+    raise UserError(message or f"cannot load config file {path}{overrides}: "
+                    f"{type(e).__name__}: {' '.join(str(e).split())}") from e
+  if len(rest) > 1:
+    raise UserError(f"unexpected argument {rest[1]!r}: every setting is a flag, e.g. "
+                    "--workdir DIR or --config.batch_size=64")
   if not flag_values.workdir:
     raise UserError("--workdir is required, e.g. --workdir runs/mnist")
+  return config, flag_values.workdir
+
+
+def main(argv: list[str] | None = None) -> int:
+  config, workdir = _parse_flags(sys.argv if argv is None else argv)
+  # Orbax logs each failed checkpoint read or write with tracebacks; the one-line reports
+  # of ``checkpoint`` replace them on the command line.
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).setLevel(logging.CRITICAL)
   maybe_initialize_distributed()
-  train_and_evaluate(config, flag_values.workdir)
+  train_and_evaluate(config, workdir)
   return 0
 
 

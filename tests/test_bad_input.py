@@ -1,0 +1,190 @@
+"""Bad input (issue 7's catalogue): each gives one ``error:`` line on stderr, exit status 2
+and no traceback, from ``python -m ddpm_jax.train`` (and a few from ``ddpm_jax.sample``).
+
+The commands run as subprocesses, a few at a time; most fail before JAX compiles anything.
+"""
+
+import concurrent.futures
+import importlib.util
+import os
+import pathlib
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from ddpm_jax import checkpoint
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TINY = str(REPO / "configs" / "mnist_tiny.py")
+TRAIN = ("-m", "ddpm_jax.train")
+SAMPLE = ("-m", "ddpm_jax.sample", "--num_samples", "2", "--sampler", "ddim", "--num_steps", "2",
+          "--seed", "0")
+# The architecture the messages below name, whatever configs/mnist_tiny.py holds.
+ARCHITECTURE = ("--config.model.channels=(16,32,64,128,128,96)",
+                "--config.model.attentions=(False,True,False,False,False,True)",
+                "--config.model.upscales=(False,False,False,True,True,True)")
+
+
+def _train(tmp, *flags):
+  return (*TRAIN, "--config", TINY, "--workdir", str(tmp / "run"), *ARCHITECTURE, *flags)
+
+
+def _idx_dir(tmp, images: bytes):
+  """A data dir with an IDX image file of these bytes and a good label file."""
+  (tmp / "idx").mkdir()
+  (tmp / "idx" / "train-images-idx3-ubyte").write_bytes(images)
+  (tmp / "idx" / "train-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, 2) + bytes(2))
+  return f"--config.data.dir={tmp / 'idx'}"
+
+
+def _without_tfds(tmp):
+  """A ``tensorflow_datasets`` that fails to import, to put first on PYTHONPATH."""
+  (tmp / "tensorflow_datasets").mkdir()
+  (tmp / "tensorflow_datasets" / "__init__.py").write_text(
+      "raise ImportError('No module named tensorflow_datasets')\n")
+
+
+def _workdir_with(tmp, config_json: str, empty_steps=()):
+  workdir = tmp / "run"
+  (workdir / checkpoint.CHECKPOINTS).mkdir(parents=True)
+  (workdir / checkpoint.CONFIG_FILE).write_text(config_json)
+  for step in empty_steps:
+    (workdir / checkpoint.CHECKPOINTS / str(step)).mkdir()
+
+
+def _tiny_config_json():
+  spec = importlib.util.spec_from_file_location("mnist_tiny", TINY)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return checkpoint.config_to_json(module.get_config())
+
+
+# name: tmp_path -> (python arguments, extra environment, text the error line must hold).
+CASES = {
+    "unknown_key": lambda t: (
+        _train(t, "--config.nope=1"), {}, "unknown config key 'nope' in --config.nope"),
+    "misspelled_key": lambda t: (
+        _train(t, "--config.model.chanels=(8,16)"), {},
+        "unknown config key 'model.chanels' in --config.model.chanels; did you mean "
+        "--config.model.channels?"),
+    "wrong_type": lambda t: (
+        _train(t, "--config.batch_size=abc"), {},
+        "flag --config.batch_size=abc: invalid literal for int() with base 10: 'abc'"),
+    "wrong_type_without_config": lambda t: (
+        (*TRAIN, "--config.batch_size=abc"), {}, "--config is required"),
+    "channels_not_numbers": lambda t: (
+        (*TRAIN, "--config", TINY, "--workdir", str(t / "run"), "--config.model.channels=abc"),
+        {}, "model.channels must be whole numbers"),
+    "missing_config": lambda t: (
+        (*TRAIN, "--workdir", str(t / "run")), {}, "--config is required"),
+    "config_file_not_found": lambda t: (
+        (*TRAIN, "--config", str(t / "nope.py"), "--workdir", str(t / "run")), {},
+        f"config file {t / 'nope.py'} does not exist"),
+    "config_file_syntax_error": lambda t: (
+        (t / "broken.py").write_text("def get_config(:\n") and
+        (*TRAIN, "--config", str(t / "broken.py"), "--workdir", str(t / "run")), {},
+        f"cannot load config file {t / 'broken.py'}: SyntaxError"),
+    "missing_workdir": lambda t: (
+        (*TRAIN, "--config", TINY), {}, "--workdir is required"),
+    "positional_argument": lambda t: (
+        _train(t, "extra"), {}, "unexpected argument 'extra'"),
+    "groups_do_not_divide_channels": lambda t: (
+        _train(t, "--config.model.num_groups=5"), {},
+        "model.channels[0] = 16 is not divisible by model.num_groups = 5"),
+    "image_size_not_divisible": lambda t: (
+        _train(t, "--config.data.image_size=36"), {},
+        "data.image_size = 36 must be divisible by 2^3 = 8"),
+    "heads_do_not_divide_width": lambda t: (
+        _train(t, "--config.model.num_heads=3"), {},
+        "model.num_heads = 3 does not divide the attention width model.channels[1] = 32"),
+    "non_positive_batch": lambda t: (
+        _train(t, "--config.batch_size=0"), {}, "batch_size must be positive, got 0"),
+    "batch_not_divisible_by_devices": lambda t: (
+        _train(t, "--config.batch_size=8"),
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"},
+        "batch_size 8 is not divisible by the 3 devices; use a multiple of 3"),
+    "bad_nan_policy": lambda t: (
+        _train(t, "--config.nan_policy=maybe"), {}, "nan_policy must be one of stop, skip"),
+    "missing_idx_dir": lambda t: (
+        _train(t, "--config.data.source=idx", "--config.data.dir=/nonexistent"), {},
+        "IDX data dir /nonexistent does not exist"),
+    "idx_wrong_magic": lambda t: (
+        _train(t, "--config.data.source=idx",
+               _idx_dir(t, struct.pack(">iiii", 1234, 2, 28, 28) + bytes(2 * 784))), {},
+        "magic number 1234, expected 2051 for an IDX image file"),
+    "idx_wrong_size": lambda t: (
+        _train(t, "--config.data.source=idx",
+               _idx_dir(t, struct.pack(">iiii", 2051, 2, 28, 28) + bytes(100))), {},
+        "header says 2x28x28 = 1568 bytes of data but the file holds 100"),
+    "tfds_unprepared": lambda t: (
+        _train(t, "--config.data.source=tfds", f"--config.data.dir={t}"), {},
+        f"TFDS mnist is not prepared in {t}."),
+    "tfds_not_installed": lambda t: (
+        _without_tfds(t) or _train(t, "--config.data.source=tfds"), {"PYTHONPATH": str(t)},
+        "data.source=tfds needs tensorflow_datasets"),
+    "batch_larger_than_data": lambda t: (
+        _train(t, "--config.batch_size=100000"), {}, "fewer than one batch of 100000"),
+    "workdir_under_a_file": lambda t: (
+        (t / "file").write_text("") or
+        (*TRAIN, "--config", TINY, "--workdir", str(t / "file" / "run")), {},
+        f"cannot create workdir {t / 'file' / 'run'}: Not a directory"),
+    "unreadable_config_json": lambda t: (
+        _workdir_with(t, "{") or _train(t), {}, f"cannot read {t / 'run' / 'config.json'}"),
+    "no_readable_checkpoint": lambda t: (
+        _workdir_with(t, _tiny_config_json(), empty_steps=(5,)) or
+        (*TRAIN, "--config", TINY, "--workdir", str(t / "run")), {},
+        f"no readable checkpoint in {t / 'run' / 'checkpoints'} (step 5: "),
+    "sample_junk_torch_checkpoint": lambda t: (
+        (t / "junk.pt").write_text("junk") and
+        (*SAMPLE, "--torch_checkpoint", str(t / "junk.pt"), "--out", str(t / "s.png")), {},
+        "is not a readable PyTorch checkpoint"),
+    "sample_missing_workdir": lambda t: (
+        (*SAMPLE, "--workdir", str(t / "nope"), "--out", str(t / "s.png")), {},
+        f"workdir {t / 'nope'} does not exist"),
+}
+
+
+def _messages(stderr):
+  """stderr without tqdm's progress bars."""
+  lines = (l.strip() for l in stderr.replace("\r", "\n").splitlines())
+  return [l for l in lines if l and "%|" not in l]
+
+
+def _python(args, env=None, timeout=300):
+  return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                        env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  """Every case's ``(expected text, completed process)``, run four at a time."""
+  def run(name):
+    args, env, expected = CASES[name](tmp_path_factory.mktemp(name))
+    return name, (expected, _python(args, env))
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    return dict(pool.map(run, CASES))
+
+
+def _assert_one_error_line(result, expected):
+  messages = _messages(result.stderr)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert len(messages) == 1 and messages[0].startswith("error: "), result.stderr[-3000:]
+  assert expected in messages[0], messages[0]
+  for text in ("Traceback", "FATAL", "Flags parsing error"):
+    assert text not in result.stderr + result.stdout
+  return messages[0]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_gives_one_error_line(name, results):
+  expected, result = results[name]
+  print(_assert_one_error_line(result, expected))
+
+
+def test_a_workdir_refused_for_bad_input_is_left_alone(results, tmp_path_factory):
+  del results  # Only the cases' workdirs.
+  root = tmp_path_factory.getbasetemp()
+  for name in ("unknown_key", "groups_do_not_divide_channels", "batch_not_divisible_by_devices"):
+    assert not (next(root.glob(f"{name}*")) / "run").exists(), name
