@@ -35,7 +35,7 @@ demo: $(STAMP)
 	cat $(DEMO_DIR)/evaluation.txt
 
 bench: $(STAMP)
-	$(PY) scripts/bench.py --config configs/mnist_tiny.py --json bench_cpu.json
+	$(PY) scripts/bench.py --config configs/mnist_tiny.py --json bench_cpu.json --sample_timed_steps 20
 
 clean:
 	rm -rf $(VENV) build *.egg-info
