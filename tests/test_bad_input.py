@@ -160,8 +160,12 @@ def _python(args, env=None, timeout=300):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
   """Every case's ``(expected text, completed process)``, run four at a time."""
+  # Made before the threads start: pytest's tmp dir factory is not thread-safe (made in
+  # threads, a fresh session's first directories failed its relative-path check).
+  dirs = {name: tmp_path_factory.mktemp(name) for name in CASES}
+
   def run(name):
-    args, env, expected = CASES[name](tmp_path_factory.mktemp(name))
+    args, env, expected = CASES[name](dirs[name])
     return name, (expected, _python(args, env))
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
     return dict(pool.map(run, CASES))

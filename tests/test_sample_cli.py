@@ -14,6 +14,7 @@ from PIL import Image
 
 import reference_torch as R
 from ddpm_jax import images, sample
+from ddpm_jax.checkpoint import read_config
 from ddpm_jax.errors import UserError
 from tests.conftest import QUARTER, randomize_norms, reference_kwargs
 
@@ -146,7 +147,8 @@ def test_workdir_round_trip(tmp_path):
   assert "ddpm, 50 steps" in proc.stdout
   with np.load(out / "samples.npz") as npz:
     assert npz["images"].shape == (2, 32, 32, 1) and npz["images"].dtype == np.float32
-    assert int(npz["num_steps"]) == 50 and str(npz["data_range"]) == "zero_one"
+    assert int(npz["num_steps"]) == 50
+    assert str(npz["data_range"]) == read_config(workdir).data.range
   with Image.open(out / "strip.png") as strip:
     assert strip.size == (10 * (32 + images.PADDING) + images.PADDING,
                           2 * (32 + images.PADDING) + images.PADDING)
