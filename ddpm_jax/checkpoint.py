@@ -2,7 +2,8 @@
 
 Layout (see CONTRACT): ``DIR/checkpoints/<step>/`` (orbax; written to
 ``<step>.orbax-checkpoint-tmp`` and committed by a rename, so a kill never leaves a
-half-written step that looks complete), ``DIR/config.json`` and ``DIR/metrics.jsonl``.
+half-written step that looks complete), ``DIR/config.json``, ``DIR/metrics.jsonl`` and,
+when ``sample_every_steps`` is set, ``DIR/samples/step_<step>.png``.
 Old steps are renamed into ``checkpoints/todelete/`` before they are deleted, so a kill
 never leaves a half-deleted one either. Each checkpoint's JSON meta holds a CRC32 of every
 array, checked on restore: restoring tries the newest step first and falls back to older
@@ -33,6 +34,7 @@ from ddpm_jax.errors import UserError
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+SAMPLES = "samples"  # Sample grids written during training.
 UNREADABLE = "checkpoints_unreadable"  # Where training moves steps it cannot read.
 _TODELETE = "todelete"  # Inside CHECKPOINTS: old steps on their way out.
 _CHECKSUMS = "crc32"
@@ -40,13 +42,6 @@ _CHECKSUMS = "crc32"
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list) + "\n"
-
-
-def write_text_atomic(path: pathlib.Path, text: str) -> None:
-  """Writes ``text`` to ``path`` through a temporary file and a rename."""
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
 
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:

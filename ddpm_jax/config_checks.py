@@ -96,6 +96,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     _require(config[key] > 0, f"{key} must be > 0, got {config[key]}")
   _require(config.warmup_steps >= 0 and config.grad_clip_norm >= 0,
            "warmup_steps and grad_clip_norm must be >= 0")
+  _require(config.sample_every_steps >= 0,
+           f"sample_every_steps must be >= 0 (0 = no samples), got {config.sample_every_steps}")
+  _require(config.sample_num_images > 0,
+           f"sample_num_images must be > 0, got {config.sample_num_images}")
+  _require(1 <= config.sample_num_steps <= config.schedule.num_steps,
+           f"sample_num_steps (DDIM steps) must be in 1..{config.schedule.num_steps}, "
+           f"got {config.sample_num_steps}")
   _require(config.nan_policy in NAN_POLICIES,
            f"nan_policy must be one of {', '.join(NAN_POLICIES)}; got {config.nan_policy!r}")
 

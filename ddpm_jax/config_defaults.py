@@ -47,4 +47,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 2000
   config.keep_checkpoints = 3
   config.nan_policy = "stop"  # 'stop' or 'skip' a step whose loss is not finite
+
+  # A grid of EMA samples written to DIR/samples/step_<step>.png every so many steps
+  # (0 = never): deterministic DDIM from the same noise each time, so successive grids
+  # show the same digits sharpening.
+  config.sample_every_steps = 0
+  config.sample_num_images = 16
+  config.sample_num_steps = 50  # DDIM steps, at most schedule.num_steps
   return config

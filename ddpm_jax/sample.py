@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from ddpm_jax import checkpoint, images, sampling
+from ddpm_jax import checkpoint, files, images, sampling
 from ddpm_jax.convert import infer_architecture, load_torch_checkpoint
 from ddpm_jax.data import DATA_BOUNDS, DATA_RANGES
 from ddpm_jax.errors import ArgumentParser, UserError, run_cli
@@ -135,20 +135,6 @@ def _check_outputs(paths: Sequence[str], overwrite: bool) -> None:
                       f"{e.strerror or type(e).__name__}") from e
     if not os.access(full.parent, os.W_OK | os.X_OK):
       raise UserError(f"cannot write output {path}: its directory is not writable")
-
-
-def _write_atomic(path: str, write: Callable[[Any], None]) -> None:
-  """Calls ``write(file)`` on a temporary file next to ``path``, then renames it to ``path``."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  except OSError as e:
-    raise UserError(f"cannot write {path}: {e.strerror or type(e).__name__}") from e
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def _load_workdir(workdir: str, use_ema: bool) -> Sampleable:
@@ -290,15 +276,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             args.clip_denoised)
   seconds = time.perf_counter() - start_time
 
-  _write_atomic(args.out, lambda f: images.save_grid(f, samples, run.data_range))
+  files.write_atomic(args.out, lambda f: images.save_grid(f, samples, run.data_range))
   if args.npz:
     extra = ({"eta": np.float32(eta), "clip_denoised": np.bool_(args.clip_denoised)}
              if args.sampler == "ddim" else {})
-    _write_atomic(args.npz, lambda f: np.savez(
+    files.write_atomic(args.npz, lambda f: np.savez(
         f, images=samples, seed=np.int64(args.seed), data_range=np.str_(run.data_range),
         sampler=np.str_(args.sampler), num_steps=np.int32(num_steps), **extra))
   if args.reverse_strip:
-    _write_atomic(args.reverse_strip, lambda f: images.save_strip(f, frames, run.data_range))
+    files.write_atomic(args.reverse_strip, lambda f: images.save_strip(f, frames, run.data_range))
 
   num_batches = math.ceil(args.num_samples / batch_size)
   rate = f"{args.num_samples / seconds:.2f} img/s"

@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ddpm_jax import checkpoint, data, diffusion
+from ddpm_jax import checkpoint, data, diffusion, files, images, sampling
 from ddpm_jax.config_checks import check_resume_compatible, flatten_config, validate_config
 from ddpm_jax.errors import UserError, run_cli
 from ddpm_jax.model import build_unet
@@ -84,6 +84,26 @@ def train_step(state: TrainState, batch: jax.Array, *, apply_fn, schedule: Sched
     kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     new_state = kept.replace(step=state.step + 1)
   return new_state, {"loss": loss, "finite": finite}
+
+
+def sample_grid_path(workdir: str | os.PathLike, step: int) -> pathlib.Path:
+  return pathlib.Path(workdir) / checkpoint.SAMPLES / f"step_{step:07d}.png"
+
+
+def write_sample_grid(config: ml_collections.ConfigDict, ema_params, path: pathlib.Path) -> None:
+  """A grid of ``config.sample_num_images`` samples of the EMA params, written to ``path``.
+
+  Deterministic DDIM (eta 0) with ``config.sample_num_steps`` steps from the noise of
+  ``fold_in(key(seed), -2)``: the same starting noise at every step of the run, so the
+  grids show one set of samples improving. Images are not clipped (as the original).
+  """
+  size, channels = config.data.image_size, config.data.channels
+  rng = jax.random.fold_in(jax.random.key(config.seed), -2 % 2**31)
+  x, _ = sampling.ddim_sample(build_unet(config.model).apply, ema_params, make_schedule(config),
+                              rng, (config.sample_num_images, size, size, channels),
+                              config.sample_num_steps, snapshot_times=())
+  path.parent.mkdir(parents=True, exist_ok=True)
+  files.write_atomic(path, lambda f: images.save_grid(f, np.asarray(x), config.data.range))
 
 
 def make_mesh() -> Mesh:
@@ -155,6 +175,10 @@ class _Metrics:
   def reset_clock(self, step: int) -> None:
     self._last_time, self._last_step = time.perf_counter(), step
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves ``seconds`` spent on something else (sampling) out of the next ``img_per_s``."""
+    self._last_time += seconds
+
   def flush(self) -> tuple[list[float], int | None]:
     """Fetches pending metrics: their losses, and the first step whose loss was not finite."""
     fetched = jax.device_get(self._pending)
@@ -196,7 +220,7 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -
   if (workdir / checkpoint.CONFIG_FILE).is_file():
     check_resume_compatible(checkpoint.read_config(workdir), config)
   if jax.process_index() == 0:
-    checkpoint.write_text_atomic(workdir / checkpoint.CONFIG_FILE, checkpoint.config_to_json(config))
+    files.write_text_atomic(workdir / checkpoint.CONFIG_FILE, checkpoint.config_to_json(config))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -261,6 +285,17 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     checkpoint.save(mngr, step, state, {"step": step, "epoch": step // batches.steps_per_epoch})
     pending = step
 
+  def sample(step: int) -> None:
+    """The step's sample grid, unless a run killed after writing it already did."""
+    path = sample_grid_path(workdir, step)
+    if is_main and not path.exists():
+      start_time = time.perf_counter()
+      # This process's copy of the replicated params: sampling runs on its devices only.
+      ema_params = jax.tree.map(lambda a: a.addressable_data(0), state.ema_params)
+      write_sample_grid(config, ema_params, path)
+      metrics.exclude(time.perf_counter() - start_time)
+      bar.write(f"Step {step} | samples -> {path}")
+
   def check_finite(step: int, bad_step: int | None) -> None:
     if bad_step is not None and config.nan_policy == "stop":
       finish_save()
@@ -274,8 +309,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   bar = tqdm(total=total, initial=start_step, disable=not is_main, dynamic_ncols=True,
              unit="step", file=sys.stderr)
   step = start_step
-  metrics.reset_clock(step)
   try:
+    if config.sample_every_steps and step > 0 and step % config.sample_every_steps == 0:
+      sample(step)  # A run killed between the checkpoint and its samples.
+    metrics.reset_clock(step)
     with batches, _StopSignal() as stop:
       while step < total and stop.received is None:
         local = next(batches)
@@ -302,6 +339,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
             metrics.epoch_losses = []
         if step % config.checkpoint_every_steps == 0 and step < total:
           save(step)
+        if config.sample_every_steps and step % config.sample_every_steps == 0:
+          sample(step)
       losses, bad = metrics.flush()
       check_finite(step, bad)
       if losses:

@@ -107,6 +107,9 @@ CASES = {
         "batch_size 8 is not divisible by the 3 devices; use a multiple of 3"),
     "bad_nan_policy": lambda t: (
         _train(t, "--config.nan_policy=maybe"), {}, "nan_policy must be one of stop, skip"),
+    "sample_steps_beyond_schedule": lambda t: (
+        _train(t, "--config.sample_every_steps=2", "--config.sample_num_steps=1001"), {},
+        "sample_num_steps (DDIM steps) must be in 1..1000, got 1001"),
     "missing_idx_dir": lambda t: (
         _train(t, "--config.data.source=idx", "--config.data.dir=/nonexistent"), {},
         "IDX data dir /nonexistent does not exist"),

@@ -11,9 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpoint
+from PIL import Image
+
+from ddpm_jax import checkpoint, images, sampling
 from ddpm_jax.config_defaults import base_config
-from ddpm_jax.train import abstract_train_state, train_and_evaluate
+from ddpm_jax.model import build_unet
+from ddpm_jax.schedule import linear_schedule
+from ddpm_jax.train import abstract_train_state, sample_grid_path, train_and_evaluate
 from ddpm_jax.train_state import ema_update
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +57,29 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
   steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
   assert steps == [2, 3, 4, 6]
   assert config.num_train_steps == 6
+
+
+def test_sample_grids_are_written_every_sample_every_steps(tmp_path):
+  config = micro_config(sample_every_steps=2, sample_num_images=4, sample_num_steps=3)
+  train_and_evaluate(config, str(tmp_path))
+  assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
+      "step_0000002.png", "step_0000004.png"]
+  # The last grid is deterministic DDIM of the final EMA params from the fixed noise.
+  _, _, ema = checkpoint.load_run(tmp_path)
+  rng = jax.random.fold_in(jax.random.key(config.seed), -2 % 2**31)
+  x, _ = sampling.ddim_sample(build_unet(config.model).apply, ema, linear_schedule(), rng,
+                              (4, 32, 32, 1), 3, snapshot_times=())
+  want = images.tile(images.to_uint8(np.asarray(x), "zero_one"), 2)[..., 0]
+  final = sample_grid_path(tmp_path, 4)
+  with Image.open(final) as png:
+    np.testing.assert_array_equal(np.asarray(png), want)
+  with Image.open(sample_grid_path(tmp_path, 2)) as png:
+    assert np.abs(np.asarray(png).astype(int) - want).mean() > 1  # An earlier model's.
+  # A run killed after its last checkpoint but before its grid writes the grid on resume.
+  final_bytes = final.read_bytes()
+  final.unlink()
+  train_and_evaluate(config, str(tmp_path))
+  assert final.read_bytes() == final_bytes
 
 
 def test_ema_arithmetic_closed_form():
