@@ -5,6 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
+# glibc hands XLA's per-step scratch buffer (~190 MB for the demo, above malloc's mmap threshold)
+# back to the kernel after every step, and the next step faults it in again, 4 KiB at a
+# time. Transparent huge pages for malloc's mmaps cut those faults ~80x and the tiny
+# config's train step by ~10-20 % on 2 cores (BENCHMARKS.md). Ignored by glibc < 2.35.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: install test test-fast demo bench clean
 

@@ -30,7 +30,7 @@ import math
 import os
 import pathlib
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
