@@ -146,8 +146,7 @@ def _load_workdir(workdir: str, use_ema: bool) -> Sampleable:
   return Sampleable(
       model=build_unet(config.model),
       params=ema_params if use_ema else params,
-      schedule=linear_schedule(config.schedule.num_steps, config.schedule.beta_start,
-                               config.schedule.beta_end),
+      schedule=linear_schedule(**config.schedule),
       data_range=config.data.range,
       image_shape=(size, size, channels))
 

@@ -37,8 +37,7 @@ from ddpm_jax.train_state import TrainState, apply_gradients, learning_rate_at, 
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> Schedule:
-  return linear_schedule(config.schedule.num_steps, config.schedule.beta_start,
-                         config.schedule.beta_end)
+  return linear_schedule(**config.schedule)
 
 
 def make_tx(config: ml_collections.ConfigDict):

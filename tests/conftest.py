@@ -1,6 +1,8 @@
 """Shared test helpers: CPU-only JAX, deterministic torch, and NCHW <-> NHWC at the boundary."""
 
+import importlib.util
 import os
+import pathlib
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -12,6 +14,14 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import numpy as np
 import pytest
+
+
+def load_config_file(path):
+  """``get_config()`` of the config file at ``path``."""
+  spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def nchw_to_nhwc(x):

@@ -5,7 +5,6 @@ The commands run as subprocesses, a few at a time; most fail before JAX compiles
 """
 
 import concurrent.futures
-import importlib.util
 import os
 import pathlib
 import struct
@@ -15,6 +14,7 @@ import sys
 import pytest
 
 from ddpm_jax import checkpoint
+from tests.conftest import load_config_file
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "mnist_tiny.py")
@@ -55,10 +55,7 @@ def _workdir_with(tmp, config_json: str, empty_steps=()):
 
 
 def _tiny_config_json():
-  spec = importlib.util.spec_from_file_location("mnist_tiny", TINY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return checkpoint.config_to_json(module.get_config())
+  return checkpoint.config_to_json(load_config_file(TINY))
 
 
 # name: tmp_path -> (python arguments, extra environment, text the error line must hold).

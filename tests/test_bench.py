@@ -1,6 +1,5 @@
 """``scripts/bench.py --quick``: every figure is in the JSON and sane. No timing assertion."""
 
-import importlib.util
 import json
 import math
 import os
@@ -9,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+
+from tests.conftest import load_config_file
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = "configs/mnist_tiny.py"
@@ -21,10 +22,7 @@ def _bench(*args, timeout: int = 900) -> subprocess.CompletedProcess:
 
 
 def _tiny_model() -> dict:
-  spec = importlib.util.spec_from_file_location("mnist_tiny", ROOT / TINY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config().model.to_dict()
+  return load_config_file(ROOT / TINY).model.to_dict()
 
 
 def _positive(value) -> bool:

@@ -1,6 +1,5 @@
 """Every shipped config loads, passes validation, and builds the UNet it describes."""
 
-import importlib.util
 import pathlib
 
 import jax
@@ -9,20 +8,14 @@ import pytest
 
 from ddpm_jax.config_checks import validate_config
 from ddpm_jax.model import build_unet
+from tests.conftest import load_config_file
 
 CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.py"))
 
 
-def load(path):
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_is_valid_and_builds(path):
-  config = load(path)
+  config = load_config_file(path)
   assert "Run:" in path.read_text()  # Each config opens with the command that runs it.
   validate_config(config)
   model = build_unet(config.model)
@@ -33,7 +26,7 @@ def test_config_is_valid_and_builds(path):
 
 
 def test_mnist_config_is_the_original():
-  config = load(pathlib.Path(__file__).parents[1] / "configs" / "mnist.py")
+  config = load_config_file(pathlib.Path(__file__).parents[1] / "configs" / "mnist.py")
   assert (config.batch_size, config.learning_rate, config.ema_decay, config.num_epochs) == (
       64, 2e-5, 0.9999, 75)
   assert tuple(config.model.channels) == (64, 128, 256, 512, 512, 384)

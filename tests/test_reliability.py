@@ -9,7 +9,6 @@ between the in-process run and the subprocesses.
 
 import collections
 import errno
-import importlib.util
 import json
 import os
 import pathlib
@@ -33,6 +32,7 @@ from ddpm_jax import checkpoint, data
 from ddpm_jax.errors import UserError
 from ddpm_jax.train import (abstract_train_state, create_train_state, make_mesh,
                             make_train_step, train_and_evaluate)
+from tests.conftest import load_config_file
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 8  # Of the shared reference run.
@@ -76,10 +76,7 @@ def _config_file():
 
 
 def _config(overrides=None):
-  spec = importlib.util.spec_from_file_location("micro", _config_file())
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_config_file(_config_file())
   for key, value in (overrides or {}).items():
     *parents, leaf = key.split(".")
     node = config
