@@ -34,7 +34,7 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m ddpm_jax.train --config configs/mnist_tiny.py --workdir $(DEMO_DIR)
 	$(PY) -m ddpm_jax.sample --workdir $(DEMO_DIR) --sampler ddim --num_steps 50 --eta 1 --clip_denoised \
-	  --num_samples 64 --seed 0 --out $(DEMO_DIR)/samples.png --npz $(DEMO_DIR)/samples.npz \
+	  --num_samples 256 --seed 0 --out $(DEMO_DIR)/samples.png --npz $(DEMO_DIR)/samples.npz \
 	  --reverse_strip $(DEMO_DIR)/reverse.png --overwrite
 	$(PY) -m ddpm_jax.evaluate --samples $(DEMO_DIR)/samples.npz > $(DEMO_DIR)/evaluation.txt
 	cat $(DEMO_DIR)/evaluation.txt

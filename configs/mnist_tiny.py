@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.range = "minus_one_one"
   config.batch_size = 16
   config.num_train_steps = 2500
-  config.learning_rate = 1e-3
+  config.learning_rate = 4e-3
   config.warmup_steps = 100
   config.ema_decay = 0.995
   config.log_every_steps = 25
