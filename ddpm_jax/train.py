@@ -20,6 +20,7 @@ import pathlib
 import signal
 import sys
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -89,20 +90,28 @@ def sample_grid_path(workdir: str | os.PathLike, step: int) -> pathlib.Path:
   return pathlib.Path(workdir) / checkpoint.SAMPLES / f"step_{step:07d}.png"
 
 
-def write_sample_grid(config: ml_collections.ConfigDict, ema_params, path: pathlib.Path) -> None:
-  """A grid of ``config.sample_num_images`` samples of the EMA params, written to ``path``.
+def make_sample_grid_writer(config: ml_collections.ConfigDict
+                            ) -> Callable[[Any, pathlib.Path], None]:
+  """``write(ema_params, path)``: a grid of ``config.sample_num_images`` EMA samples.
 
   Deterministic DDIM (eta 0) with ``config.sample_num_steps`` steps from the noise of
   ``fold_in(key(seed), -2)``: the same starting noise at every step of the run, so the
   grids show one set of samples improving. Images are not clipped (as the original).
+  Made once per run: the sampler is compiled for its ``apply_fn``, so every grid of the
+  run reuses one compilation.
   """
+  apply_fn = build_unet(config.model).apply
+  schedule = make_schedule(config)
   size, channels = config.data.image_size, config.data.channels
+  shape = (config.sample_num_images, size, size, channels)
   rng = jax.random.fold_in(jax.random.key(config.seed), -2 % 2**31)
-  x, _ = sampling.ddim_sample(build_unet(config.model).apply, ema_params, make_schedule(config),
-                              rng, (config.sample_num_images, size, size, channels),
-                              config.sample_num_steps, snapshot_times=())
-  path.parent.mkdir(parents=True, exist_ok=True)
-  files.write_atomic(path, lambda f: images.save_grid(f, np.asarray(x), config.data.range))
+
+  def write(ema_params: Any, path: pathlib.Path) -> None:
+    x, _ = sampling.ddim_sample(apply_fn, ema_params, schedule, rng, shape,
+                                config.sample_num_steps, snapshot_times=())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.write_atomic(path, lambda f: images.save_grid(f, np.asarray(x), config.data.range))
+  return write
 
 
 def make_mesh() -> Mesh:
@@ -284,14 +293,17 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     checkpoint.save(mngr, step, state, {"step": step, "epoch": step // batches.steps_per_epoch})
     pending = step
 
+  write_grid = make_sample_grid_writer(config)
+
   def sample(step: int) -> None:
-    """The step's sample grid, unless a run killed after writing it already did."""
+    """The step's sample grid when one is due, unless a run killed after writing it did."""
+    if not config.sample_every_steps or step % config.sample_every_steps:
+      return
     path = sample_grid_path(workdir, step)
     if is_main and not path.exists():
       start_time = time.perf_counter()
       # This process's copy of the replicated params: sampling runs on its devices only.
-      ema_params = jax.tree.map(lambda a: a.addressable_data(0), state.ema_params)
-      write_sample_grid(config, ema_params, path)
+      write_grid(jax.tree.map(lambda a: a.addressable_data(0), state.ema_params), path)
       metrics.exclude(time.perf_counter() - start_time)
       bar.write(f"Step {step} | samples -> {path}")
 
@@ -309,7 +321,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
              unit="step", file=sys.stderr)
   step = start_step
   try:
-    if config.sample_every_steps and step > 0 and step % config.sample_every_steps == 0:
+    if step > 0:
       sample(step)  # A run killed between the checkpoint and its samples.
     metrics.reset_clock(step)
     with batches, _StopSignal() as stop:
@@ -338,8 +350,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
             metrics.epoch_losses = []
         if step % config.checkpoint_every_steps == 0 and step < total:
           save(step)
-        if config.sample_every_steps and step % config.sample_every_steps == 0:
-          sample(step)
+        sample(step)
       losses, bad = metrics.flush()
       check_finite(step, bad)
       if losses:
