@@ -107,6 +107,20 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
            f"nan_policy must be one of {', '.join(NAN_POLICIES)}; got {config.nan_policy!r}")
 
 
+def check_overrides_given_once(argv: list[str]) -> None:
+  """Refuses a ``--config.KEY`` given twice: ml_collections would append a tuple key's two
+  values into one longer tuple (and keep the last of any other), never what was meant."""
+  seen = set()
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    key = arg[len("--config."):].split("=", 1)[0]
+    if key in seen:
+      raise UserError(f"--config.{key} is given more than once; give it once (a tuple's "
+                      "values would be joined into one longer tuple)")
+    seen.add(key)
+
+
 def flatten_config(d: Any, prefix: str = "") -> dict[str, Any]:
   """``{'model.channels': [...], ...}``: a config's leaves by dotted key, sequences as lists."""
   out = {}

@@ -30,7 +30,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddpm_jax import checkpoint, data, diffusion, files, images, sampling
-from ddpm_jax.config_checks import check_resume_compatible, flatten_config, validate_config
+from ddpm_jax.config_checks import (check_overrides_given_once, check_resume_compatible,
+                                    flatten_config, validate_config)
 from ddpm_jax.errors import UserError, run_cli
 from ddpm_jax.model import build_unet
 from ddpm_jax.schedule import Schedule, linear_schedule
@@ -421,6 +422,7 @@ def _parse_flags(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
   if not os.path.isfile(path.split(":", 1)[0]):
     raise UserError(f"config file {path.split(':', 1)[0]} does not exist; e.g. "
                     "--config configs/mnist.py")
+  check_overrides_given_once(argv)
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/mnist.py.",
                                   flag_values=flag_values, lock_config=True, sys_argv=argv)

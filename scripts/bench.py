@@ -55,7 +55,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from ddpm_jax import diffusion, sampling, train
-from ddpm_jax.config_checks import validate_config
+from ddpm_jax.config_checks import check_overrides_given_once, validate_config
 from ddpm_jax.config_defaults import base_config
 from ddpm_jax.errors import UserError, run_cli
 from ddpm_jax.model import build_unet
@@ -876,6 +876,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise UserError("--config is required, e.g. --config configs/mnist_tiny.py")
   if not os.path.isfile(path):
     raise UserError(f"config file {path} does not exist; e.g. --config configs/mnist_tiny.py")
+  check_overrides_given_once(argv)
   fv = flags.FlagValues()
   define_flags(fv)
   try:

@@ -7,6 +7,7 @@ The commands run as subprocesses, a few at a time; most fail before JAX compiles
 import concurrent.futures
 import os
 import pathlib
+import re
 import struct
 import subprocess
 import sys
@@ -71,6 +72,9 @@ CASES = {
         "flag --config.batch_size=abc: invalid literal for int() with base 10: 'abc'"),
     "wrong_type_without_config": lambda t: (
         (*TRAIN, "--config.batch_size=abc"), {}, "--config is required"),
+    "override_given_twice": lambda t: (
+        _train(t, "--config.model.channels=(8,16,32,64,64,48)"), {},  # ARCHITECTURE gives it too.
+        "--config.model.channels is given more than once; give it once"),
     "channels_not_numbers": lambda t: (
         (*TRAIN, "--config", TINY, "--workdir", str(t / "run"), "--config.model.channels=abc"),
         {}, "model.channels must be whole numbers"),
@@ -192,3 +196,15 @@ def test_a_workdir_refused_for_bad_input_is_left_alone(results, tmp_path_factory
   root = tmp_path_factory.getbasetemp()
   for name in ("unknown_key", "groups_do_not_divide_channels", "batch_not_divisible_by_devices"):
     assert not (next(root.glob(f"{name}*")) / "run").exists(), name
+
+
+def test_the_readme_troubleshooting_table_lists_every_case(results):
+  """Each case's message (its longest stretch without a path) is in the README's table."""
+  readme = (REPO / "README.md").read_text()
+  table = " ".join(readme.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0].split())
+  missing = []
+  for name, (expected, _) in sorted(results.items()):
+    pieces = [p.strip(" ;:.,'\"()") for p in re.split(r"\S*/\S*", expected)]
+    if max(pieces, key=len) not in table:
+      missing.append(f"{name}: {max(pieces, key=len)!r}")
+  assert not missing, missing
