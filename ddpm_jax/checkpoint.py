@@ -55,6 +55,28 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     raise UserError(f"cannot read {path}: {e}") from e
 
 
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+  """The run's ``metrics.jsonl`` records, one per step, in step order.
+
+  The file is only ever appended to. A run killed after its last checkpoint logged steps
+  that the resumed run trains and logs again (the first line after a resume carries
+  ``resumed_from``); the later line for a step supersedes the earlier one, so this is the
+  history of the run the latest checkpoint continues. A line cut short by a kill is skipped.
+  """
+  path = pathlib.Path(workdir) / METRICS_FILE
+  if not path.is_file():
+    raise UserError(f"{workdir} has no {METRICS_FILE}: is it a ddpm_jax.train workdir?")
+  by_step = {}
+  for line in path.read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(record, dict) and "step" in record:
+      by_step[record["step"]] = record
+  return [by_step[step] for step in sorted(by_step)]
+
+
 def manager(workdir: str | os.PathLike, keep: int = 3, read_only: bool = False
             ) -> ocp.CheckpointManager:
   """The run's checkpoint manager; a writer also clears what a kill left half-done."""

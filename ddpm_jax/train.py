@@ -171,8 +171,16 @@ class _Metrics:
   """Collects per-step device metrics and writes ``metrics.jsonl`` lines (process 0)."""
 
   def __init__(self, path: pathlib.Path, batch_size: int, config: ml_collections.ConfigDict,
-               write: bool):
+               write: bool, resumed_from: int | None = None):
     self._path, self._batch_size, self._config, self._write = path, batch_size, config, write
+    # Marks the first line after a resume: lines after it supersede earlier ones of the
+    # same steps (``checkpoint.read_metrics``).
+    self._resumed_from = resumed_from
+    if write and path.is_file() and path.stat().st_size:
+      with open(path, "rb+") as f:  # A line cut short by a kill is ended, not extended.
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+          f.write(b"\n")
     self._pending: list[tuple[int, dict]] = []
     self._last_time = time.perf_counter()
     self._last_step: int | None = None
@@ -205,6 +213,8 @@ class _Metrics:
                   lr=learning_rate_at(step, self._config.learning_rate, self._config.warmup_steps),
                   img_per_s=steps * self._batch_size / max(now - self._last_time, 1e-9),
                   time=time.time())
+    if self._resumed_from is not None:
+      record["resumed_from"], self._resumed_from = self._resumed_from, None
     self._last_time, self._last_step = now, step
     if self._write:
       with open(self._path, "a") as f:
@@ -277,7 +287,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                                process_index=jax.process_index(),
                                process_count=jax.process_count())
   total = _num_steps(config, batches.steps_per_epoch)
-  metrics = _Metrics(workdir / checkpoint.METRICS_FILE, config.batch_size, config, is_main)
+  metrics = _Metrics(workdir / checkpoint.METRICS_FILE, config.batch_size, config, is_main,
+                     resumed_from=start_step if found else None)
   global_shape = (config.batch_size,) + images.shape[1:]
 
   pending = None  # The step whose checkpoint is still being written in the background.

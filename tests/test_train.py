@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -54,9 +55,33 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
   config, params, ema = checkpoint.load_run(tmp_path / "b")
   for x, y in zip(_leaves((params, ema)), _leaves((resumed.params, resumed.ema_params))):
     np.testing.assert_array_equal(x, y)
-  steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-  assert steps == [2, 3, 4, 6]
+  lines = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+  assert [(l["step"], l.get("resumed_from")) for l in lines] == [
+      (2, None), (3, None), (4, 3), (6, None)]
   assert config.num_train_steps == 6
+
+
+def test_read_metrics_keeps_the_resumed_runs_line_for_a_step_logged_twice(tmp_path):
+  """A run killed after step 3's checkpoint but after logging step 4 logs step 4 again."""
+  straight = tmp_path / "straight"
+  train_and_evaluate(micro_config(num_train_steps=6, log_every_steps=1), str(straight))
+  killed = tmp_path / "killed"
+  train_and_evaluate(micro_config(num_train_steps=4, log_every_steps=1,
+                                  checkpoint_every_steps=3), str(killed))
+  # What the kill leaves: checkpoint 3, metrics up to step 4 (the last line cut short).
+  for step in checkpoint.manager(killed, read_only=True).all_steps():
+    if step > 3:
+      shutil.rmtree(killed / checkpoint.CHECKPOINTS / str(step))
+  with open(killed / checkpoint.METRICS_FILE, "a") as f:
+    f.write('{"step": 5, "lo')
+  train_and_evaluate(micro_config(num_train_steps=6, log_every_steps=1), str(killed))
+  raw = [l for l in (killed / checkpoint.METRICS_FILE).read_text().splitlines()]
+  assert len(raw) == 8  # Steps 1-4, the cut line (ended, not extended), 4, 5, 6.
+  records = checkpoint.read_metrics(killed)
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert records[3]["resumed_from"] == 3  # Step 4's second line.
+  # Bit-identical training: the same losses as the run that was never interrupted.
+  assert [r["loss"] for r in records] == [r["loss"] for r in checkpoint.read_metrics(straight)]
 
 
 def test_sample_grids_are_written_every_sample_every_steps(tmp_path):
