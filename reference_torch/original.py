@@ -91,20 +91,27 @@ def sample(model, scheduler, z: torch.Tensor, noise: torch.Tensor | None = None,
   (t >= 1; ``noise[0]`` is unused); ``None`` draws it with ``torch.randn`` as the original
   does. Snapshots are ``z`` after the mean update at each t in ``times`` (from t = T-1
   down), then the final image: the original's reverse-process strip.
+
+  As in the original, ``z`` and the scheduler's tables stay where they are (the original
+  keeps them on the CPU) and only the model call runs on the model's device:
+  ``model(z.cuda(), t).cpu()``. A ``model`` that is a plain function gets ``z`` as it is.
   """
+  device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else z.device
   num_time_steps = scheduler.beta.shape[0]
   images = []
   for step in reversed(range(1, num_time_steps)):
     t = [step]
     temp = scheduler.beta[t] / ((torch.sqrt(1 - scheduler.alpha[t])) *
                                 (torch.sqrt(1 - scheduler.beta[t])))
-    z = (1 / (torch.sqrt(1 - scheduler.beta[t]))) * z - (temp * model(z, t))
+    z = (1 / (torch.sqrt(1 - scheduler.beta[t]))) * z - (
+        temp * model(z.to(device), t).to(z.device))
     if t[0] in times:
       images.append(z)
     e = torch.randn_like(z) if noise is None else noise[step]
     z = z + (e * torch.sqrt(scheduler.beta[t]))
   temp = scheduler.beta[0] / ((torch.sqrt(1 - scheduler.alpha[0])) *
                               (torch.sqrt(1 - scheduler.beta[0])))
-  x = (1 / (torch.sqrt(1 - scheduler.beta[0]))) * z - (temp * model(z, [0]))
+  x = (1 / (torch.sqrt(1 - scheduler.beta[0]))) * z - (
+      temp * model(z.to(device), [0]).to(z.device))
   images.append(x)
   return x, images

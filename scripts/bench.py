@@ -563,13 +563,12 @@ def torch_sample(config: ml_collections.ConfigDict, devices: Devices,
   full = config.schedule.num_steps
   timed = min(full, settings.reference_timed_steps)
   model = reference_model(config, devices).eval()
-  # A `timed`-step schedule runs `timed` model calls of the original's loop. Its tables go
-  # to the device, which the original's sampler indexes with Python lists.
+  # A `timed`-step schedule runs `timed` model calls of the original's loop. As in the
+  # original, z and the schedule stay on the CPU and each model call moves z to the
+  # device and its output back.
   scheduler = R.DDPM_Scheduler(num_time_steps=timed)
-  scheduler.beta = scheduler.beta.to(devices.torch_device)
-  scheduler.alpha = scheduler.alpha.to(devices.torch_device)
   size, channels = config.data.image_size, config.data.channels
-  z = torch.randn(1, channels, size, size, device=devices.torch_device)
+  z = torch.randn(1, channels, size, size)
   timing = time_calls(lambda: R.sample(model, scheduler, z)[0], devices.torch_sync,
                       settings.sample_reps, 1)
   image_s = timing.median * full / timed
