@@ -77,6 +77,11 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
   return [by_step[step] for step in sorted(by_step)]
 
 
+def _not_the_read_only_notice(record: logging.LogRecord) -> bool:
+  """Drops orbax's warning that a read-only manager's directory is read only: we asked."""
+  return "Given directory is read only" not in record.getMessage()
+
+
 def manager(workdir: str | os.PathLike, keep: int = 3, read_only: bool = False
             ) -> ocp.CheckpointManager:
   """The run's checkpoint manager; a writer also clears what a kill left half-done."""
@@ -87,7 +92,12 @@ def manager(workdir: str | os.PathLike, keep: int = 3, read_only: bool = False
   else:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, todelete_subdir=_TODELETE,
                                            cleanup_tmp_directories=True)
-  mngr = ocp.CheckpointManager(directory, options=options)
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(_not_the_read_only_notice)
+  try:
+    mngr = ocp.CheckpointManager(directory, options=options)
+  finally:
+    absl_logger.removeFilter(_not_the_read_only_notice)
   if not read_only:
     _empty_todelete(mngr)
   return mngr

@@ -145,6 +145,7 @@ def test_workdir_round_trip(tmp_path):
               "--reverse_strip", out / "strip.png")
   assert proc.returncode == 0, proc.stderr
   assert "ddpm, 50 steps" in proc.stdout
+  assert "WARNING" not in proc.stderr, proc.stderr  # Orbax's read-only notice is dropped.
   with np.load(out / "samples.npz") as npz:
     assert npz["images"].shape == (2, 32, 32, 1) and npz["images"].dtype == np.float32
     assert int(npz["num_steps"]) == 50
