@@ -54,7 +54,7 @@ from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from ddpm_jax import diffusion, sampling, train
+from ddpm_jax import diffusion, files, sampling, train
 from ddpm_jax.config_checks import check_overrides_given_once, validate_config
 from ddpm_jax.config_defaults import base_config
 from ddpm_jax.errors import UserError, run_cli
@@ -91,6 +91,8 @@ PEAK_KEY = {"float32": "tf32", "bfloat16": "bfloat16", "float16": "bfloat16"}
 ENV_VARS = ("CUDA_VISIBLE_DEVICES", "XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE",
             "OMP_NUM_THREADS", "JAX_PLATFORMS", "JAX_COMPILATION_CACHE_DIR")
 
+PARTS = ("train", "sample")
+
 # --quick: CI-sized settings, applied to the flags not given on the command line.
 QUICK = dict(batch_sizes=["8"], reps=2, warmup=1, min_rep_s=0.0, sample_timed_steps=4,
              reference_timed_steps=2, sample_reps=1, torch_compile=False)
@@ -125,6 +127,10 @@ def define_flags(fv: flags.FlagValues) -> None:
                        flag_values=fv)
   flags.DEFINE_bool("torch_compile", True, "Also time the original's step with the model "
                     "under torch.compile (minutes to compile on a CPU).", flag_values=fv)
+  flags.DEFINE_list("parts", list(PARTS), "What to measure: 'train' (the train-step rows, "
+                    "ratios and breakdown) and/or 'sample' (the samplers and the original's "
+                    "loop). On a machine with a time limit per command, run them as two.",
+                    flag_values=fv)
   flags.DEFINE_bool("breakdown", True, "Time forward, backward and optimizer+EMA of the "
                     "float32 step separately, for both frameworks (first batch size).",
                     flag_values=fv)
@@ -144,6 +150,7 @@ class Settings:
   sample_reps: int
   torch_compile: bool
   breakdown: bool
+  parts: tuple[str, ...]
   quick: bool
 
 
@@ -152,7 +159,7 @@ def settings_from_flags(fv: flags.FlagValues) -> Settings:
   values = {name: fv[name].value for name in (
       "batch_sizes", "dtypes", "reps", "warmup", "min_rep_s", "ddim_steps",
       "sample_timed_steps", "reference_timed_steps", "sample_reps", "torch_compile",
-      "breakdown")}
+      "breakdown", "parts")}
   if fv.quick:
     values.update({k: v for k, v in QUICK.items() if not fv[k].present})
   try:
@@ -165,6 +172,9 @@ def settings_from_flags(fv: flags.FlagValues) -> Settings:
   bad = [d for d in dtypes if d not in PEAK_KEY]
   if bad or not dtypes:
     raise UserError(f"--dtypes must be some of {', '.join(PEAK_KEY)}; got {','.join(dtypes)}")
+  parts = tuple(values.pop("parts"))
+  if not parts or any(p not in PARTS for p in parts):
+    raise UserError(f"--parts must be some of {','.join(PARTS)}; got {','.join(parts)}")
   for name in ("reps", "ddim_steps", "sample_reps"):
     if values[name] < 1:
       raise UserError(f"--{name} must be >= 1, got {values[name]}")
@@ -175,7 +185,8 @@ def settings_from_flags(fv: flags.FlagValues) -> Settings:
   if not (timed == 0 or timed >= 2) or values["reference_timed_steps"] < 2:
     raise UserError("--sample_timed_steps must be 0 (all) or >= 2, and "
                     "--reference_timed_steps >= 2")
-  return Settings(batch_sizes=batch_sizes, dtypes=dtypes, quick=fv.quick, **values)
+  return Settings(batch_sizes=batch_sizes, dtypes=dtypes, parts=parts, quick=fv.quick,
+                  **values)
 
 
 # --- Timing ----------------------------------------------------------------------------
@@ -682,25 +693,32 @@ def device_info(devices: Devices) -> dict:
   return info
 
 
-def run_bench(config: ml_collections.ConfigDict, settings: Settings, command: str) -> dict:
-  """Every measurement, as the JSON document."""
+def run_bench(config: ml_collections.ConfigDict, settings: Settings, command: str,
+              save: Callable[[dict], None] = lambda doc: None) -> dict:
+  """Every measurement, as the JSON document; ``save`` gets the document so far (its
+  ``complete`` False) after each row, so a run cut short still leaves its figures."""
   devices = pick_devices()
   if devices.is_gpu:
     torch.set_float32_matmul_precision("high")  # TF32 matmuls, as JAX's default precision.
   info = device_info(devices)
   date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
   start = time.perf_counter()
+  train_rows, sample_rows, seed = [], [], None
+
+  def document(complete: bool) -> dict:
+    return assemble(config, settings, command, date, devices, info, train_rows, sample_rows,
+                    seed, complete)
 
   def log(message: str) -> None:
+    save(document(complete=False))  # Before the line: whoever reads it finds the figure.
     print(f"[{time.perf_counter() - start:6.1f} s] {message}", flush=True)
 
   log(f"{info['kind']} ({devices.note}); batch sizes {settings.batch_sizes}, "
-      f"JAX dtypes {settings.dtypes}")
-  train_rows = []
+      f"JAX dtypes {settings.dtypes}, parts {','.join(settings.parts)}")
   with jax.default_device(devices.jax_device):
     # Params and Adam state are float32 whatever the compute dtype: one state serves all.
     initial = train.create_train_state(config, NamedSharding(devices.mesh, P()))
-    for i, batch in enumerate(settings.batch_sizes):
+    for i, batch in enumerate(settings.batch_sizes if "train" in settings.parts else ()):
       for dtype in settings.dtypes:
         breakdown = settings.breakdown and i == 0 and dtype == "float32"
         train_rows.append(jax_train(config, dtype, batch, initial, devices, settings,
@@ -714,29 +732,37 @@ def run_bench(config: ml_collections.ConfigDict, settings: Settings, command: st
           f"{train_rows[-1]['img_per_s']:.1f} img/s" if train_rows[-1]["status"] == "ok"
           else train_rows[-1]["status"]))
 
-    sample_rows = []
-    for dtype in settings.dtypes:
-      for batch in settings.batch_sizes:
-        for sampler in ("ddpm", "ddim"):
-          sample_rows.append(jax_sample(config, dtype, batch, sampler, initial.params,
-                                        devices, settings))
-          log(f"sample JAX {sampler} {dtype} batch {batch}: "
-              f"{sample_rows[-1]['img_per_s']:.1f} img/s")
-    sample_rows.append(torch_sample(config, devices, settings))
-    log(f"sample torch original: {sample_rows[-1]['img_per_s']:.3f} img/s")
+    if "sample" in settings.parts:
+      # The original's loop first: every batched row's speed-up is taken against it.
+      sample_rows.append(torch_sample(config, devices, settings))
+      log(f"sample torch original: {sample_rows[-1]['img_per_s']:.3f} img/s")
+      for dtype in settings.dtypes:
+        for batch in settings.batch_sizes:
+          for sampler in ("ddpm", "ddim"):
+            sample_rows.append(jax_sample(config, dtype, batch, sampler, initial.params,
+                                          devices, settings))
+            log(f"sample JAX {sampler} {dtype} batch {batch}: "
+                f"{sample_rows[-1]['img_per_s']:.1f} img/s")
     seed = seed_unet_flops(devices)
     log("seed UNet FLOPs")
+  return document(complete=True)
 
+
+def assemble(config: ml_collections.ConfigDict, settings: Settings, command: str, date: str,
+             devices: Devices, info: dict, train_rows: list[dict], sample_rows: list[dict],
+             seed: dict | None, complete: bool) -> dict:
+  """The JSON document from the rows measured so far."""
   add_mfu(train_rows, devices, info["kind"])
   ratios = train_ratios(train_rows)
-  reference = sample_rows[-1]["img_per_s"]
-  for row in sample_rows[:-1]:
-    row["speedup_over_original"] = row["img_per_s"] / reference
-  info["load_average_end"] = list(os.getloadavg())
+  reference = next((r for r in sample_rows if r["framework"] == "torch"), None)
+  for row in sample_rows:
+    if row["framework"] == "jax":
+      row["speedup_over_original"] = row["img_per_s"] / reference["img_per_s"]
+  info = dict(info, load_average_end=list(os.getloadavg()))
   analytic = analytic_forward_flops(config.model, config.data.image_size, config.data.channels)
   applicable = devices.is_gpu and is_seed_unet(config)
   return dict(
-      command=command, date=date, device=info, versions=versions(),
+      command=command, date=date, complete=complete, device=info, versions=versions(),
       config=dict(model=config.model.to_dict(), image_size=config.data.image_size,
                   channels=config.data.channels, schedule_steps=config.schedule.num_steps,
                   learning_rate=config.learning_rate, ema_decay=config.ema_decay),
@@ -788,13 +814,14 @@ def report(doc: dict) -> str:
       f"{doc['config']['model']['num_groups']}, heads {doc['config']['model']['num_heads']}, "
       f"{doc['config']['image_size']}x{doc['config']['image_size']}x{doc['config']['channels']}"
       + (" — QUICK: CI-sized settings, not a measurement to quote" if s["quick"] else ""),
-      "",
-      f"Train step (Adam + EMA), img/s: median of {s['reps']} repetitions after "
-      f"{s['warmup']} warm-up steps; torch rows are float32",
-      "| framework | dtype | batch | img/s | ms/step | compile / first step s | "
-      "XLA GFLOP/img | MFU | XLA peak MiB | device peak MiB | host peak RSS MiB |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
+  if doc["train"]:
+    lines += [
+        "", f"Train step (Adam + EMA), img/s: median of {s['reps']} repetitions after "
+        f"{s['warmup']} warm-up steps; torch rows are float32",
+        "| framework | dtype | batch | img/s | ms/step | compile / first step s | "
+        "XLA GFLOP/img | MFU | XLA peak MiB | device peak MiB | host peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in doc["train"]:
     name = "JAX jit" if r["framework"] == "jax" else f"torch {r['variant']}"
     if r["status"] != "ok":
@@ -809,15 +836,17 @@ def report(doc: dict) -> str:
         f"{_fmt(r.get('mfu'), '.1%')} | "
         f"{_mib((mem.get('xla_bytes') or {}).get('peak'))} | "
         f"{_mib(mem['device_peak_bytes'])} | {_mib(mem['host_peak_rss_bytes'])} |")
-  lines += ["", "| batch | JAX dtype | JAX / torch eager | JAX / torch.compile |",
-            "|---|---|---|---|"]
+  if doc["train_ratios"]:
+    lines += ["", "| batch | JAX dtype | JAX / torch eager | JAX / torch.compile |",
+              "|---|---|---|---|"]
   for r in doc["train_ratios"]:
     lines.append(f"| {r['batch']} | {r['dtype']} | {_times(r['jax_over_eager'])} | "
                  f"{_times(r['jax_over_compile'])} |")
-  lines += ["", f"Sampling, img/s (median of {s['sample_reps']} calls after one warm-up; "
-            "'timed' steps run, then scaled to the full count)",
-            "| sampler | framework | dtype | batch | timed steps | img/s | s per batch | "
-            "vs original |", "|---|---|---|---|---|---|---|---|"]
+  if doc["sampling"]:
+    lines += ["", f"Sampling, img/s (median of {s['sample_reps']} calls after one warm-up; "
+              "'timed' steps run, then scaled to the full count)",
+              "| sampler | framework | dtype | batch | timed steps | img/s | s per batch | "
+              "vs original |", "|---|---|---|---|---|---|---|---|"]
   for r in doc["sampling"]:
     timed = f"{r['timed_steps']} of {r['steps']}" + (" (scaled)" if r["scaled"] else "")
     lines.append(f"| {r['sampler']} | {r['framework']} | {r['dtype']} | {r['batch']} | "
@@ -902,9 +931,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   if torch is None:
     raise UserError("the bench needs torch: pip install torch==2.13.0")
   command = "python " + shlex.join(argv)
-  doc = run_bench(config, settings, command)
-  with open(fv.json, "w") as f:
-    json.dump(doc, f, indent=1)
+
+  def save(doc: dict) -> None:
+    files.write_text_atomic(fv.json, json.dumps(doc, indent=1))
+
+  doc = run_bench(config, settings, command, save)
+  save(doc)
   print()
   print(report(doc))
   print(f"\nwrote {fv.json}")
