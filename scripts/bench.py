@@ -743,8 +743,9 @@ def run_bench(config: ml_collections.ConfigDict, settings: Settings, command: st
                                           devices, settings))
             log(f"sample JAX {sampler} {dtype} batch {batch}: "
                 f"{sample_rows[-1]['img_per_s']:.1f} img/s")
-    seed = seed_unet_flops(devices)
-    log("seed UNet FLOPs")
+    if "train" in settings.parts:
+      seed = seed_unet_flops(devices)
+      log("seed UNet FLOPs")
   return document(complete=True)
 
 
@@ -859,10 +860,12 @@ def report(doc: dict) -> str:
   lines += ["", "FLOPs per image (train = forward + backward):",
             f"  this model: analytic {f['analytic_train_flops_per_img'] / 1e9:.3f} GFLOP "
             f"(3 x forward {f['analytic_forward_flops_per_img'] / 1e9:.3f}); XLA compiled step "
-            + (", ".join(f"{x / 1e9:.3f}" for x in xla) or "–") + " GFLOP",
-            f"  seed UNet 32x32: analytic {seed['analytic_train_flops_per_img'] / 1e9:.2f} GFLOP, "
-            f"XLA (unoptimised HLO) {_fmt(seed['xla_lowered_train_flops_per_img'], '.2f', 1e-9)} "
-            f"GFLOP, issue {seed['issue_train_flops_per_img'] / 1e9:.1f} GFLOP"]
+            + (", ".join(f"{x / 1e9:.3f}" for x in xla) or "–") + " GFLOP"]
+  if seed:  # Computed with the train rows.
+    lines.append(
+        f"  seed UNet 32x32: analytic {seed['analytic_train_flops_per_img'] / 1e9:.2f} GFLOP, "
+        f"XLA (unoptimised HLO) {_fmt(seed['xla_lowered_train_flops_per_img'], '.2f', 1e-9)} "
+        f"GFLOP, issue {seed['issue_train_flops_per_img'] / 1e9:.1f} GFLOP")
   mfu_peaks = {r["mfu_peak"]["name"] for r in doc["train"] if r.get("mfu_peak")}
   lines.append("  MFU peak: " + (", ".join(sorted(mfu_peaks)) if mfu_peaks else
                                  "– (MFU is reported on a GPU of the peak table only)"))

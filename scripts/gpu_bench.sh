@@ -8,7 +8,8 @@
 #
 # CONFIG defaults to configs/mnist.py (the original UNET). GPU_BENCH_LIMITS overrides the
 # four parts' limits in seconds (default "200 100 150 120": 570 s in all). Writes
-# OUTDIR/bench_<part>.json and .log for each part (8 files: what a device call returns).
+# OUTDIR/bench_<part>.json for each part, OUTDIR/bench.log (every part's output) and
+# OUTDIR/bench_gpu.json, the parts merged (6 files; a device call returns up to 8).
 set -u
 out=${1:?usage: scripts/gpu_bench.sh OUTDIR [CONFIG [bench.py flags...]]}
 config=${2:-configs/mnist.py}
@@ -29,10 +30,14 @@ part() {  # part NAME LIMIT_S bench.py-flags...
   local name=$1 limit=$2
   shift 2
   echo "== $name (limit ${limit} s)"
+  local log
+  log=$(mktemp)
   timeout -k 10 "$limit" "$python" scripts/bench.py --config "$config" \
-    --json "$out/bench_$name.json" "$@" > "$out/bench_$name.log" 2>&1
+    --json "$out/bench_$name.json" "$@" > "$log" 2>&1
   local code=$?
-  tail -n 25 "$out/bench_$name.log"
+  { echo "== $name"; cat "$log"; } >> "$out/bench.log"
+  grep '^\[' "$log" | tail -n 12
+  rm -f "$log"
   echo "== $name: exit $code$([ "$code" -eq 124 ] && echo ' (time limit: the JSON holds the rows measured)')"
   [ "$code" -eq 0 ] || status=1
 }
@@ -40,4 +45,12 @@ part train64 "${limits[0]}" --parts train --batch_sizes 64 "$@"
 part sample64 "${limits[1]}" --parts sample --batch_sizes 64 "$@"
 part train256 "${limits[2]}" --parts train --batch_sizes 256 --nobreakdown "$@"
 part sample256 "${limits[3]}" --parts sample --batch_sizes 256 "$@"
+# One document and the tables for BENCHMARKS.md, from the parts that left a JSON.
+parts=()
+for name in train64 sample64 train256 sample256; do
+  [ -s "$out/bench_$name.json" ] && parts+=("$out/bench_$name.json")
+done
+if [ "${#parts[@]}" -gt 0 ]; then
+  "$python" scripts/bench_merge.py --json "$out/bench_gpu.json" "${parts[@]}" || status=1
+fi
 exit $status

@@ -183,5 +183,41 @@ def test_one_part_and_a_run_cut_short_keep_their_figures(tmp_path):
     proc.wait()
   doc = json.loads(path.read_text())
   assert not doc["complete"] and doc["train"] == [] and doc["train_ratios"] == []
+  assert doc["flops"]["seed_unet"] is None  # Computed with the train rows only.
   assert [r["framework"] for r in doc["sampling"]] == ["torch"]
   assert _positive(doc["sampling"][0]["img_per_s"]) and doc["settings"]["parts"] == ["sample"]
+
+
+def _merge(*args) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "scripts/bench_merge.py", *map(str, args)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.slow
+def test_merging_parts_gives_back_the_whole_run(quick, tmp_path):
+  """The quick run split into its train and sample parts, merged: the same rows, ratios
+  and targets, and the same tables."""
+  doc, stdout = quick
+  train = dict(doc, train_ratios=[], sampling=[], settings=dict(doc["settings"], parts=["train"]))
+  sample = dict(doc, train=[], train_ratios=[], settings=dict(doc["settings"], parts=["sample"]),
+                breakdown=dict(doc["breakdown"], jax=None, torch=None),
+                flops=dict(doc["flops"], seed_unet=None))
+  paths = [tmp_path / "train.json", tmp_path / "sample.json"]
+  for path, part in zip(paths, (train, sample)):
+    path.write_text(json.dumps(part))
+  proc = _merge("--json", tmp_path / "merged.json", *paths)
+  assert proc.returncode == 0, proc.stderr
+  merged = json.loads((tmp_path / "merged.json").read_text())
+  for key in ("train", "train_ratios", "sampling", "breakdown", "flops", "targets", "device"):
+    assert merged[key] == doc[key], key
+  assert merged["complete"] and merged["settings"]["parts"] == ["sample", "train"]
+  assert merged["merged_from"] == list(map(str, paths))
+  tables = stdout[stdout.index("Train step"):stdout.index("\n\nwrote")]
+  assert tables in proc.stdout
+  # Runs of another device (or model) are refused, in one line.
+  other = dict(sample, device=dict(doc["device"], kind="another"))
+  paths[1].write_text(json.dumps(other))
+  proc = _merge("--json", tmp_path / "refused.json", *paths)
+  assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+  assert "measured on another device" in proc.stderr
+  assert not (tmp_path / "refused.json").exists()
