@@ -263,6 +263,14 @@ def load_run(workdir: str | os.PathLike,
              abstract_state_fn: Callable[[ml_collections.ConfigDict], Any] | None = None
              ) -> tuple[ml_collections.ConfigDict, Any, Any]:
   """``(config, params, ema_params)`` from a training workdir's newest readable checkpoint."""
+  config, _, state = load_run_state(workdir, abstract_state_fn)
+  return config, state.params, state.ema_params
+
+
+def load_run_state(workdir: str | os.PathLike,
+                   abstract_state_fn: Callable[[ml_collections.ConfigDict], Any] | None = None
+                   ) -> tuple[ml_collections.ConfigDict, int, Any]:
+  """``(config, step, train_state)`` from a training workdir's newest readable checkpoint."""
   workdir = pathlib.Path(workdir)
   if not workdir.is_dir():
     raise UserError(f"workdir {workdir} does not exist")
@@ -281,5 +289,5 @@ def load_run(workdir: str | os.PathLike,
     mngr.close()
   if found is None:
     raise UserError(f"{workdir}/{CHECKPOINTS} holds no checkpoint yet: train first")
-  _, state, _ = found
-  return config, state.params, state.ema_params
+  step, state, _ = found
+  return config, step, state

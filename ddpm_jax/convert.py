@@ -11,13 +11,15 @@ to read a checkpoint file.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from ddpm_jax.errors import UserError
+from ddpm_jax import checkpoint, files
+from ddpm_jax.errors import ArgumentParser, UserError, run_cli
 from ddpm_jax.model import UNet
 
 _EMA_PREFIX = "module."
@@ -137,16 +139,76 @@ def _torch_key(path: tuple[str, ...]) -> str:
   return ".".join(modules + ["bias" if leaf == "bias" else "weight"])
 
 
+# The order in which the original's modules register their parameters (``__init__``):
+# ``model.parameters()``, and so the original's optimizer state, follow it.
+_MODULE_RANK = {"shallow_conv": 0, "late_conv": 1, "output_conv": 2,  # UNET; then Layer1...
+                "ResBlock1": 0, "ResBlock2": 1, "conv": 2, "attention_layer": 3,  # UnetLayer
+                "gnorm1": 0, "gnorm2": 1, "conv1": 2, "conv2": 3,  # ResBlock
+                "proj1": 0, "proj2": 1,  # Attention
+                "weight": 0, "bias": 1}
+
+
+def _original_rank(key: str) -> tuple[int, ...]:
+  return tuple(3 + int(name[len("Layer"):]) if name.startswith("Layer") else _MODULE_RANK[name]
+               for name in key.split("."))
+
+
 def flax_to_torch(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """A ``state_dict`` (numpy arrays) that the original UNET's ``load_state_dict`` accepts."""
+  """A ``state_dict`` (numpy arrays) that the original UNET's ``load_state_dict`` accepts,
+  its keys in the original's order (that of ``model.parameters()``)."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     names = tuple(p.key for p in path)
     array = np.asarray(leaf, dtype=np.float32)
     if names[-1] == "kernel":
       array = array.transpose(_FLAX_TO_TORCH_PERM if array.ndim == 4 else (1, 0))
-    out[_torch_key(names)] = np.ascontiguousarray(array)
-  return out
+    out[_torch_key(names)] = np.array(array, order="C")  # Owned and writable.
+  return {key: out[key] for key in sorted(out, key=_original_rank)}
+
+
+def _import_torch(purpose: str):
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise UserError(f"{purpose} needs torch: pip install torch==2.13.0 (or 'ddpm-jax[torch]')"
+                    ) from e
+  return torch
+
+
+def _adam_state(opt_state: Any) -> optax.ScaleByAdamState:
+  found = [s for s in jax.tree.leaves(opt_state,
+                                      is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+           if isinstance(s, optax.ScaleByAdamState)]
+  if len(found) != 1:
+    raise ValueError(f"expected one Adam state in the optimizer state, found {len(found)}")
+  return found[0]
+
+
+def to_torch_checkpoint(params: Any, ema_params: Any, opt_state: Any,
+                        learning_rate: float) -> dict:
+  """The original's checkpoint, ``{'weights', 'optimizer', 'ema'}``, from a train state.
+
+  ``weights`` and ``ema`` (keys prefixed ``module.``, as timm's EMA saves them) are the
+  UNET's state_dicts; ``optimizer`` is the state_dict of ``torch.optim.Adam(
+  model.parameters(), lr=learning_rate)`` holding Adam's moments and step count, so the
+  original's ``train(checkpoint_path=...)`` resumes where this run stopped (optax's and
+  torch's Adam are the same arithmetic). Warm-up and gradient clipping, which the original
+  lacks, are not carried over. Needs torch.
+  """
+  torch = _import_torch("writing a PyTorch checkpoint")
+  adam = _adam_state(opt_state)
+  weights = flax_to_torch(params)
+  moments = flax_to_torch(adam.mu), flax_to_torch(adam.nu)
+  tensors = [torch.nn.Parameter(torch.from_numpy(w)) for w in weights.values()]
+  optimizer = torch.optim.Adam(tensors, lr=learning_rate)
+  for tensor, key in zip(tensors, weights):
+    optimizer.state[tensor] = {"step": torch.tensor(float(adam.count)),
+                               "exp_avg": torch.from_numpy(moments[0][key]),
+                               "exp_avg_sq": torch.from_numpy(moments[1][key])}
+  return {"weights": {k: torch.from_numpy(v) for k, v in weights.items()},
+          "optimizer": optimizer.state_dict(),
+          "ema": {_EMA_PREFIX + k: torch.from_numpy(v)
+                  for k, v in flax_to_torch(ema_params).items()}}
 
 
 def load_torch_checkpoint(path: str | os.PathLike, use_ema: bool = True,
@@ -156,11 +218,7 @@ def load_torch_checkpoint(path: str | os.PathLike, use_ema: bool = True,
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise UserError(f"torch checkpoint {path!r} does not exist or is not a file")
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise UserError("reading a PyTorch checkpoint needs torch: "
-                    "pip install torch==2.13.0 (or 'ddpm-jax[torch]')") from e
+  torch = _import_torch("reading a PyTorch checkpoint")
   try:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for a file that is not a checkpoint.
@@ -183,3 +241,35 @@ def load_torch_checkpoint(path: str | os.PathLike, use_ema: bool = True,
     return torch_to_flax(state_dict, model)
   except UserError as e:
     raise UserError(f"{path}: {e}") from e
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """``python -m ddpm_jax.convert --workdir DIR --out FILE``: a run as the original's checkpoint."""
+  parser = ArgumentParser(
+      prog="python -m ddpm_jax.convert",
+      description="Writes a training workdir's newest checkpoint as the original tutorial's "
+      "PyTorch checkpoint ({'weights', 'optimizer', 'ema'}): its inference() samples from "
+      "it and its train(checkpoint_path=...) resumes it.")
+  parser.add_argument("--workdir", required=True, help="a ddpm_jax.train workdir")
+  parser.add_argument("--out", required=True, help="the checkpoint file to write")
+  parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+  args = parser.parse_args(argv)
+  files.check_outputs([args.out], args.overwrite)
+  torch = _import_torch("writing a PyTorch checkpoint")
+  config, step, state = checkpoint.load_run_state(args.workdir)
+  ckpt = to_torch_checkpoint(state.params, state.ema_params, state.opt_state,
+                             config.learning_rate)
+  files.write_atomic(args.out, lambda f: torch.save(ckpt, f))
+  m = config.model
+  print(f"wrote {args.out}: step {step} of {args.workdir} as the original's checkpoint "
+        f"({len(ckpt['weights'])} tensors each in 'weights' and 'ema'; Adam lr "
+        f"{config.learning_rate:g}). Load it into UNET(Channels={list(m.channels)}, "
+        f"Attentions={list(m.attentions)}, Upscales={list(m.upscales)}, "
+        f"num_groups={m.num_groups}, dropout_prob={m.dropout_rate}, num_heads={m.num_heads}, "
+        f"input_channels={config.data.channels}, output_channels={m.out_channels}, "
+        f"time_steps={m.time_steps})")
+  return 0
+
+
+if __name__ == "__main__":
+  run_cli(main)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import BinaryIO, Callable
+import pathlib
+from typing import BinaryIO, Callable, Sequence
 
 from ddpm_jax.errors import UserError
 
@@ -29,3 +30,22 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
   """Writes ``text`` (UTF-8) to ``path`` through a temporary file and a rename."""
   write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def check_outputs(paths: Sequence[str], overwrite: bool) -> None:
+  """Creates the outputs' directories; refuses directories, duplicates, and existing files."""
+  resolved = [pathlib.Path(p).resolve() for p in paths]
+  if len(set(resolved)) != len(resolved):
+    raise UserError(f"the output paths must differ, got {', '.join(paths)}")
+  for path, full in zip(paths, resolved):
+    if full.is_dir():
+      raise UserError(f"output {path} is a directory; give a file name")
+    if full.exists() and not overwrite:
+      raise UserError(f"output {path} exists; pass --overwrite to replace it")
+    try:
+      full.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise UserError(f"cannot create the directory of output {path}: "
+                      f"{e.strerror or type(e).__name__}") from e
+    if not os.access(full.parent, os.W_OK | os.X_OK):
+      raise UserError(f"cannot write output {path}: its directory is not writable")

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
-import pathlib
 import time
 from typing import Any, Mapping, Sequence
 
@@ -116,25 +114,6 @@ def _check_args(args: argparse.Namespace) -> None:
     value = getattr(args, flag)
     if value is not None and value <= 0:
       raise UserError(f"--{flag} must be positive, got {value}")
-
-
-def _check_outputs(paths: Sequence[str], overwrite: bool) -> None:
-  """Creates the outputs' directories; refuses directories, duplicates, and existing files."""
-  resolved = [pathlib.Path(p).resolve() for p in paths]
-  if len(set(resolved)) != len(resolved):
-    raise UserError(f"the output paths must differ, got {', '.join(paths)}")
-  for path, full in zip(paths, resolved):
-    if full.is_dir():
-      raise UserError(f"output {path} is a directory; give a file name")
-    if full.exists() and not overwrite:
-      raise UserError(f"output {path} exists; pass --overwrite to replace it")
-    try:
-      full.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-      raise UserError(f"cannot create the directory of output {path}: "
-                      f"{e.strerror or type(e).__name__}") from e
-    if not os.access(full.parent, os.W_OK | os.X_OK):
-      raise UserError(f"cannot write output {path}: its directory is not writable")
 
 
 def _load_workdir(workdir: str, use_ema: bool) -> Sampleable:
@@ -258,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
   _check_args(args)
   outputs = [p for p in (args.out, args.npz, args.reverse_strip) if p]
-  _check_outputs(outputs, args.overwrite)
+  files.check_outputs(outputs, args.overwrite)
   if args.workdir is not None:
     run, source = _load_workdir(args.workdir, args.use_ema), f"workdir {args.workdir}"
   else:

@@ -1,17 +1,25 @@
 """Weight conversion between the original's state_dict and Flax params, and its errors."""
 
+import os
+import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
 
 import reference_torch as R
+from ddpm_jax import checkpoint
+from ddpm_jax.config_defaults import base_config
 from ddpm_jax.convert import flax_to_torch, infer_architecture, load_torch_checkpoint, torch_to_flax
 from ddpm_jax.errors import UserError
 from ddpm_jax.model import UNet
+from ddpm_jax.train import train_and_evaluate
 from tests.conftest import QUARTER, randomize_norms, reference_kwargs
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +31,8 @@ def quarter_ref():
 def test_round_trip_reproduces_the_state_dict_exactly(quarter_ref):
   sd = quarter_ref.state_dict()
   back = flax_to_torch(torch_to_flax(sd, UNet(**QUARTER)))
-  assert list(back) == list(sd) or set(back) == set(sd)
+  # In the original's order, that of model.parameters(): its optimizer state follows it.
+  assert list(back) == list(sd) == [name for name, _ in quarter_ref.named_parameters()]
   for k, v in sd.items():
     np.testing.assert_array_equal(back[k], v.numpy(), err_msg=k)
   # And the original accepts it.
@@ -109,3 +118,41 @@ def test_ddpm_jax_imports_without_torch():
           "print('ok')")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def _convert(*args):
+  return subprocess.run([sys.executable, "-m", "ddpm_jax.convert", *map(str, args)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_cli_writes_a_run_as_the_original_checkpoint(tmp_path):
+  config = base_config()
+  config.model.channels, config.model.num_groups, config.model.num_heads = (
+      (8, 16, 32, 64, 64, 48), 4, 2)
+  config.batch_size, config.num_train_steps, config.learning_rate = 4, 2, 1e-3
+  workdir, out = tmp_path / "run", tmp_path / "torch" / "ddpm_checkpoint"
+  train_and_evaluate(config, str(workdir))
+  proc = _convert("--workdir", workdir, "--out", out)
+  assert proc.returncode == 0, proc.stderr
+  assert "step 2" in proc.stdout and "num_groups=4" in proc.stdout and "num_heads=2" in proc.stdout
+  ckpt = torch.load(out, weights_only=True)  # What the original's torch.load gets.
+  assert sorted(ckpt) == ["ema", "optimizer", "weights"]
+  _, params, ema = checkpoint.load_run(workdir)
+  for key, value in flax_to_torch(params).items():
+    np.testing.assert_array_equal(ckpt["weights"][key].numpy(), value, err_msg=key)
+  assert ckpt["optimizer"]["param_groups"][0]["lr"] == 1e-3
+  assert {float(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {2.0}
+  # Read back as the EMA weights by the sampler's loader: exactly the run's EMA params.
+  for x, y in zip(jax.tree.leaves(load_torch_checkpoint(out, model=UNet(
+      channels=(8, 16, 32, 64, 64, 48), num_groups=4, num_heads=2))), jax.tree.leaves(ema)):
+    np.testing.assert_array_equal(x, np.asarray(y))
+  # An existing file is kept unless --overwrite; a missing workdir is one line.
+  before = out.read_bytes()
+  for args, message in ((("--workdir", workdir, "--out", out), "exists; pass --overwrite"),
+                        (("--workdir", tmp_path / "nope", "--out", tmp_path / "x"),
+                         "does not exist")):
+    proc = _convert(*args)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+  assert out.read_bytes() == before

@@ -9,7 +9,7 @@ import torch
 
 import reference_torch as R
 from ddpm_jax import diffusion
-from ddpm_jax.convert import flax_to_torch, torch_to_flax
+from ddpm_jax.convert import flax_to_torch, to_torch_checkpoint, torch_to_flax
 from ddpm_jax.model import UNet, sinusoidal_embeddings
 from ddpm_jax.schedule import linear_schedule
 from ddpm_jax.train_state import apply_gradients, create_train_state, make_optimizer
@@ -216,6 +216,59 @@ def test_full_training_step_matches_reference():
     assert np.mean(np.abs(d_ours - d_ref) > 2.5e-7) <= 0.01, name
   moved = max(np.abs(ours[k] - before[k]).max() for k in ours)
   assert 3e-5 < moved < 1e-4  # The steps really changed the weights (about 3 x lr).
+
+
+def test_a_run_exported_to_the_original_format_resumes_in_the_original_code(tmp_path):
+  """Three JAX steps, ``to_torch_checkpoint``, then the original's resume (load 'weights',
+  'ema', 'optimizer') and one more step on each side: the same update."""
+  ref, model, params = make_pair(QUARTER, seed=6)
+  x0, t, e = _batch(3, n=8)
+  tx = make_optimizer(2e-5)
+  state = create_train_state(params, tx, jax.random.key(0))
+  s = linear_schedule()
+
+  @jax.jit
+  def step(state, x0):
+    loss, grads = jax.value_and_grad(diffusion.noise_loss)(
+        state.params, model.apply, s, x0, jnp.asarray(t), jnp.asarray(nchw_to_nhwc(e)))
+    return apply_gradients(state, grads, tx, 0.9999), loss
+
+  for i in range(3):
+    state, _ = step(state, jnp.asarray(nchw_to_nhwc(x0 + i)))
+  torch.save(to_torch_checkpoint(state.params, state.ema_params, state.opt_state, 2e-5),
+             tmp_path / "ckpt")
+  checkpoint = torch.load(tmp_path / "ckpt", weights_only=True)  # As the original loads it.
+
+  resumed = R.UNET(**reference_kwargs(QUARTER))
+  resumed.embeddings.embeddings = ref.embeddings.embeddings  # The Flax table (make_pair).
+  optimizer, ema, criterion = R.make_training(resumed, lr=2e-5, ema_decay=0.9999)
+  resumed.load_state_dict(checkpoint["weights"])
+  ema.load_state_dict(checkpoint["ema"])
+  optimizer.load_state_dict(checkpoint["optimizer"])
+  # Each parameter got its own Adam moments, bit for bit, and the step count.
+  adam = state.opt_state[0]
+  mu, nu = flax_to_torch(adam.mu), flax_to_torch(adam.nu)
+  for name, p in resumed.named_parameters():
+    st = optimizer.state[p]
+    assert float(st["step"]) == 3.0
+    np.testing.assert_array_equal(st["exp_avg"].numpy(), mu[name], err_msg=name)
+    np.testing.assert_array_equal(st["exp_avg_sq"].numpy(), nu[name], err_msg=name)
+  before = flax_to_torch(state.params)
+  loss_ref = R.train_step(resumed, optimizer, ema, criterion, R.DDPM_Scheduler(1000),
+                          torch.from_numpy(x0 + 3), torch.from_numpy(t), torch.from_numpy(e))
+  state, loss = step(state, jnp.asarray(nchw_to_nhwc(x0 + 3)))
+  np.testing.assert_allclose(float(loss), loss_ref, rtol=1e-5)
+  ours, ours_ema = flax_to_torch(state.params), flax_to_torch(state.ema_params)
+  theirs = resumed.state_dict()
+  theirs_ema = {k[len("module."):]: v for k, v in ema.state_dict().items()}
+  ema_before = {k[len("module."):]: v.numpy() for k, v in checkpoint["ema"].items()}
+  for name, a, b, start in (("params", ours, theirs, before), ("ema", ours_ema, theirs_ema,
+                                                                ema_before)):
+    d_ours = np.concatenate([(a[k] - start[k]).ravel() for k in start])
+    d_ref = np.concatenate([(b[k].numpy() - start[k]).ravel() for k in start])
+    # The bounds of the training-step test above: float32 gradient noise through Adam.
+    assert np.linalg.norm(d_ours - d_ref) / np.linalg.norm(d_ref) <= 5e-3, name
+    assert np.mean(np.abs(d_ours - d_ref) > 2.5e-7) <= 0.01, name
 
 
 def test_adam_and_ema_arithmetic_match_torch_given_the_same_gradients():
