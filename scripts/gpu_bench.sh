@@ -1,51 +1,84 @@
 #!/usr/bin/env bash
-# The GPU half of BENCHMARKS.md in one command that fits a 10-minute limit per command:
-# the train rows at batch 64, the samplers at batch 64, the train rows at batch 256, the
-# samplers at batch 256, each part a bench.py run under its own time limit. bench.py
-# rewrites its JSON after every row, so a part cut short keeps what it measured.
+# The GPU half of BENCHMARKS.md in one command that fits a 10-minute limit per command.
+# Five parts, each under its own time limit: bench.py's train rows at batch 64, its
+# samplers at batch 64, its train rows at batch 256, its samplers at batch 256 (bench.py
+# rewrites its JSON after every row, so a part cut short keeps what it measured), and
+# "loop": python -m ddpm_jax.train itself for GPU_BENCH_LOOP_STEPS steps (default 2000)
+# on the bundled digits, whose metrics give the whole loop's time per step (data,
+# dispatch, logging included), projected to the original's 70,275 steps.
 #
 #   scripts/gpu_bench.sh OUTDIR [CONFIG [bench.py flags...]]
 #
 # CONFIG defaults to configs/mnist.py (the original UNET). GPU_BENCH_LIMITS overrides the
-# four parts' limits in seconds (default "200 100 150 120": 570 s in all). Writes
-# OUTDIR/bench_<part>.json for each part, OUTDIR/bench.log (every part's output) and
-# OUTDIR/bench_gpu.json, the parts merged (6 files; a device call returns up to 8).
+# parts' limits in seconds (default "170 90 130 100 80": 570 s in all). Writes
+# OUTDIR/bench_<part>.json for the bench parts, OUTDIR/bench.log (every part's output),
+# OUTDIR/loop_metrics.jsonl and OUTDIR/bench_gpu.json, the bench parts merged (7 files; a
+# device call returns up to 8).
 set -u
 out=${1:?usage: scripts/gpu_bench.sh OUTDIR [CONFIG [bench.py flags...]]}
 config=${2:-configs/mnist.py}
 shift $(( $# < 2 ? $# : 2 ))
 mkdir -p "$out" || exit 1
+out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.." || exit 1
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-read -r -a limits <<< "${GPU_BENCH_LIMITS:-200 100 150 120}"
-if [ "${#limits[@]}" -ne 4 ]; then
-  echo "error: GPU_BENCH_LIMITS needs four numbers of seconds, got '${GPU_BENCH_LIMITS}'" >&2
+read -r -a limits <<< "${GPU_BENCH_LIMITS:-170 90 130 100 80}"
+if [ "${#limits[@]}" -ne 5 ]; then
+  echo "error: GPU_BENCH_LIMITS needs five numbers of seconds, got '${GPU_BENCH_LIMITS}'" >&2
   exit 2
 fi
+loop_steps=${GPU_BENCH_LOOP_STEPS:-2000}
 nvidia-smi -L 2>&1 || echo "no nvidia-smi"
 
 status=0
-part() {  # part NAME LIMIT_S bench.py-flags...
-  local name=$1 limit=$2
+run_part() {  # run_part NAME LIMIT_S command...: the command's output goes to bench.log.
+  local name=$1 limit=$2 log code
   shift 2
   echo "== $name (limit ${limit} s)"
-  local log
   log=$(mktemp)
-  timeout -k 10 "$limit" "$python" scripts/bench.py --config "$config" \
-    --json "$out/bench_$name.json" "$@" > "$log" 2>&1
-  local code=$?
+  timeout -k 10 "$limit" "$@" > "$log" 2>&1
+  code=$?
   { echo "== $name"; cat "$log"; } >> "$out/bench.log"
-  grep '^\[' "$log" | tail -n 12
+  grep -E '^\[|^error' "$log" | tail -n 12
   rm -f "$log"
-  echo "== $name: exit $code$([ "$code" -eq 124 ] && echo ' (time limit: the JSON holds the rows measured)')"
+  echo "== $name: exit $code$([ "$code" -eq 124 ] && echo ' (time limit)')"
   [ "$code" -eq 0 ] || status=1
 }
-part train64 "${limits[0]}" --parts train --batch_sizes 64 "$@"
-part sample64 "${limits[1]}" --parts sample --batch_sizes 64 "$@"
-part train256 "${limits[2]}" --parts train --batch_sizes 256 --nobreakdown "$@"
-part sample256 "${limits[3]}" --parts sample --batch_sizes 256 "$@"
-# One document and the tables for BENCHMARKS.md, from the parts that left a JSON.
+bench() {  # bench NAME LIMIT_S bench.py-flags...
+  local name=$1 limit=$2
+  shift 2
+  run_part "$name" "$limit" "$python" scripts/bench.py --config "$config" \
+    --json "$out/bench_$name.json" "$@"
+}
+bench train64 "${limits[0]}" --parts train --batch_sizes 64 "$@"
+bench sample64 "${limits[1]}" --parts sample --batch_sizes 64 "$@"
+bench train256 "${limits[2]}" --parts train --batch_sizes 256 --nobreakdown "$@"
+bench sample256 "${limits[3]}" --parts sample --batch_sizes 256 "$@"
+
+workdir=$(mktemp -d)
+run_part loop "${limits[4]}" "$python" -m ddpm_jax.train --config "$config" \
+  --workdir "$workdir" --config.num_train_steps="$loop_steps" \
+  --config.log_every_steps=$(( loop_steps / 8 > 0 ? loop_steps / 8 : 1 )) \
+  --config.checkpoint_every_steps="$loop_steps"
+if [ -s "$workdir/metrics.jsonl" ]; then
+  cp "$workdir/metrics.jsonl" "$out/loop_metrics.jsonl"
+  "$python" - "$out/loop_metrics.jsonl" <<'EOF'
+import json, sys
+records = [json.loads(line) for line in open(sys.argv[1])]
+if len(records) < 3:
+  sys.exit(f"loop: {len(records)} metrics lines; too few to time (the first holds the compile)")
+# From the first line on (compilation before it): wall time per step of the whole loop.
+first, last = records[0], records[-1]
+per_step = (last["time"] - first["time"]) / (last["step"] - first["step"])
+print(f"loop: steps {first['step']}..{last['step']}: {1e3 * per_step:.2f} ms/step, "
+      f"{70275 * per_step / 60:.1f} min for the original's 70,275 steps (loop only, "
+      "no compile, no checkpoints)")
+EOF
+fi
+rm -rf "$workdir"
+
+# One document and the tables for BENCHMARKS.md, from the bench parts that left a JSON.
 parts=()
 for name in train64 sample64 train256 sample256; do
   [ -s "$out/bench_$name.json" ] && parts+=("$out/bench_$name.json")

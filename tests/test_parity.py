@@ -177,6 +177,21 @@ def test_one_ancestral_step_matches_reference(step):
   assert np.abs(nhwc_to_nchw(z_next) - zr.numpy()).max() <= 2e-6
 
 
+def _jax_training(model, params, t, e):
+  """A fresh train state (Adam 2e-5, EMA 0.9999) and a jitted step with fixed ``t`` and noise
+  ``e`` (NCHW): ``step(state, x0) -> (state, loss)``, the original's step in JAX."""
+  tx = make_optimizer(2e-5)
+  s = linear_schedule()
+
+  @jax.jit
+  def step(state, x0):
+    loss, grads = jax.value_and_grad(diffusion.noise_loss)(
+        state.params, model.apply, s, x0, jnp.asarray(t), jnp.asarray(nchw_to_nhwc(e)))
+    return apply_gradients(state, grads, tx, 0.9999), loss
+
+  return create_train_state(params, tx, jax.random.key(0)), step
+
+
 def test_full_training_step_matches_reference():
   ref, model, params = make_pair(QUARTER, seed=5)
   optimizer, ema, criterion = R.make_training(ref, lr=2e-5, ema_decay=0.9999)
@@ -187,15 +202,7 @@ def test_full_training_step_matches_reference():
                                    torch.from_numpy(x0 + i), torch.from_numpy(t),
                                    torch.from_numpy(e)))
 
-  tx = make_optimizer(2e-5)
-  state = create_train_state(params, tx, jax.random.key(0))
-  s = linear_schedule()
-
-  @jax.jit
-  def step(state, x0):
-    loss, grads = jax.value_and_grad(diffusion.noise_loss)(
-        state.params, model.apply, s, x0, jnp.asarray(t), jnp.asarray(nchw_to_nhwc(e)))
-    return apply_gradients(state, grads, tx, 0.9999), loss
+  state, step = _jax_training(model, params, t, e)
 
   losses = []
   for i in range(3):
@@ -223,15 +230,7 @@ def test_a_run_exported_to_the_original_format_resumes_in_the_original_code(tmp_
   'ema', 'optimizer') and one more step on each side: the same update."""
   ref, model, params = make_pair(QUARTER, seed=6)
   x0, t, e = _batch(3, n=8)
-  tx = make_optimizer(2e-5)
-  state = create_train_state(params, tx, jax.random.key(0))
-  s = linear_schedule()
-
-  @jax.jit
-  def step(state, x0):
-    loss, grads = jax.value_and_grad(diffusion.noise_loss)(
-        state.params, model.apply, s, x0, jnp.asarray(t), jnp.asarray(nchw_to_nhwc(e)))
-    return apply_gradients(state, grads, tx, 0.9999), loss
+  state, step = _jax_training(model, params, t, e)
 
   for i in range(3):
     state, _ = step(state, jnp.asarray(nchw_to_nhwc(x0 + i)))
