@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 2000
   config.keep_checkpoints = 3
   config.nan_policy = "stop"  # 'stop' or 'skip' a step whose loss is not finite
+  # A checkpoint of the original PyTorch code ({'weights', 'optimizer', 'ema'}) to start
+  # from when the workdir has no checkpoint yet: its weights, EMA, Adam state and step.
+  config.init_torch_checkpoint = ""
 
   # A grid of EMA samples written to DIR/samples/step_<step>.png every so many steps
   # (0 = never): deterministic DDIM from the same noise each time, so successive grids

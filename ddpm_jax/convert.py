@@ -211,11 +211,8 @@ def to_torch_checkpoint(params: Any, ema_params: Any, opt_state: Any,
                   for k, v in flax_to_torch(ema_params).items()}}
 
 
-def load_torch_checkpoint(path: str | os.PathLike, use_ema: bool = True,
-                          model: UNet | None = None) -> dict:
-  """Flax ``params`` from a checkpoint in the original's ``{'weights', 'optimizer', 'ema'}``
-  format (a bare ``state_dict`` file is accepted too). ``use_ema`` picks the EMA weights."""
-  path = os.fspath(path)
+def _read_torch_checkpoint(path: str) -> Mapping:
+  """The dict a PyTorch checkpoint file holds; :class:`UserError` for anything else."""
   if not os.path.isfile(path):
     raise UserError(f"torch checkpoint {path!r} does not exist or is not a file")
   torch = _import_torch("reading a PyTorch checkpoint")
@@ -226,6 +223,15 @@ def load_torch_checkpoint(path: str | os.PathLike, use_ema: bool = True,
                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
   if not isinstance(checkpoint, Mapping):
     raise UserError(f"{path!r} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+  return checkpoint
+
+
+def load_torch_checkpoint(path: str | os.PathLike, use_ema: bool = True,
+                          model: UNet | None = None) -> dict:
+  """Flax ``params`` from a checkpoint in the original's ``{'weights', 'optimizer', 'ema'}``
+  format (a bare ``state_dict`` file is accepted too). ``use_ema`` picks the EMA weights."""
+  path = os.fspath(path)
+  checkpoint = _read_torch_checkpoint(path)
   if "weights" in checkpoint or "ema" in checkpoint:
     key = "ema" if use_ema else "weights"
     if key not in checkpoint:
@@ -241,6 +247,60 @@ def load_torch_checkpoint(path: str | os.PathLike, use_ema: bool = True,
     return torch_to_flax(state_dict, model)
   except UserError as e:
     raise UserError(f"{path}: {e}") from e
+
+
+def load_torch_training_state(path: str | os.PathLike, model: UNet
+                              ) -> tuple[dict, dict, optax.ScaleByAdamState]:
+  """``(params, ema_params, adam_state)`` from the original's checkpoint, for ``model``.
+
+  The inverse of :func:`to_torch_checkpoint`: 'weights', 'ema' and the Adam moments and
+  step count of 'optimizer', whose i-th parameter is the i-th of the original's
+  ``model.parameters()``. Raises :class:`UserError` for a file that is not such a
+  checkpoint or does not fit ``model``.
+  """
+  path = os.fspath(path)
+  checkpoint = _read_torch_checkpoint(path)
+  missing = [k for k in ("weights", "ema", "optimizer") if k not in checkpoint]
+  if missing:
+    raise UserError(f"{path} has no {', '.join(map(repr, missing))} entry (it has "
+                    f"{sorted(checkpoint)}): training resumes from the original's full "
+                    "checkpoint, {'weights', 'optimizer', 'ema'}")
+  try:
+    params = torch_to_flax(checkpoint["weights"], model)
+    ema_params = torch_to_flax(checkpoint["ema"], model)
+  except UserError as e:
+    raise UserError(f"{path}: {e}") from e
+  weights = _strip_prefix(checkpoint["weights"])
+  order = sorted(weights, key=_original_rank)
+  try:
+    groups, state = checkpoint["optimizer"]["param_groups"], checkpoint["optimizer"]["state"]
+    ids = [i for group in groups for i in group["params"]]
+  except (KeyError, TypeError) as e:
+    raise UserError(f"{path}: 'optimizer' is not a torch.optim.Adam state_dict ({e!r})") from e
+  if len(ids) != len(order):
+    raise UserError(f"{path}: 'optimizer' holds {len(ids)} parameters, the UNET has "
+                    f"{len(order)}")
+  moments: tuple[dict, dict] = ({}, {})
+  steps = set()
+  for i, key in zip(ids, order):
+    entry = state.get(i)
+    if entry is None:  # Never stepped: Adam's moments are still zero.
+      moments[0][key] = moments[1][key] = np.zeros(weights[key].shape, np.float32)
+      steps.add(0)
+      continue
+    if not {"step", "exp_avg", "exp_avg_sq"} <= set(entry):
+      raise UserError(f"{path}: 'optimizer' is not a torch.optim.Adam state_dict (parameter "
+                      f"{key} has {sorted(entry)})")
+    moments[0][key], moments[1][key] = entry["exp_avg"], entry["exp_avg_sq"]
+    steps.add(int(_to_numpy(entry["step"])))
+  if len(steps) != 1:
+    raise UserError(f"{path}: the parameters' Adam step counts differ ({sorted(steps)})")
+  try:
+    mu, nu = (torch_to_flax(m, model) for m in moments)
+  except UserError as e:
+    raise UserError(f"{path}: 'optimizer': {e}") from e
+  return params, ema_params, optax.ScaleByAdamState(count=jnp.asarray(steps.pop(), jnp.int32),
+                                                    mu=mu, nu=nu)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

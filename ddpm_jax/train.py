@@ -26,10 +26,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ddpm_jax import checkpoint, data, diffusion, files, images, sampling
+from ddpm_jax import checkpoint, convert, data, diffusion, files, images, sampling
 from ddpm_jax.config_checks import (check_overrides_given_once, check_resume_compatible,
                                     flatten_config, validate_config)
 from ddpm_jax.errors import UserError, run_cli
@@ -62,6 +63,29 @@ def create_train_state(config: ml_collections.ConfigDict,
                        sharding: jax.sharding.Sharding | None = None) -> TrainState:
   """A fresh train state for ``config`` (params from ``config.seed``), on ``sharding``."""
   return jax.jit(functools.partial(_init_state, config), out_shardings=sharding)()
+
+
+def state_from_torch_checkpoint(config: ml_collections.ConfigDict, path: str,
+                                sharding: jax.sharding.Sharding | None = None) -> TrainState:
+  """The train state the original's checkpoint holds: its weights, EMA, Adam moments and
+  step count (the warm-up schedule's count too), with ``config``'s seed; on ``sharding``."""
+  params, ema_params, adam = convert.load_torch_training_state(path, build_unet(config.model))
+  count = adam.count
+
+  def restored(s):
+    if isinstance(s, optax.ScaleByAdamState):
+      return adam
+    if isinstance(s, optax.ScaleByScheduleState):
+      return s._replace(count=count)
+    return s
+
+  opt_state = jax.tree.map(restored, make_tx(config).init(params),
+                           is_leaf=lambda s: isinstance(s, (optax.ScaleByAdamState,
+                                                            optax.ScaleByScheduleState)))
+  state = TrainState(step=count, params=params, opt_state=opt_state, ema_params=ema_params,
+                     rng=jax.random.PRNGKey(config.seed))
+  # One buffer per leaf: the step count appears three times, and the step donates them all.
+  return jax.device_put(jax.tree.map(jnp.array, state), sharding)
 
 
 def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
@@ -246,6 +270,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """Trains (or resumes) the run in ``workdir`` to the configured number of steps."""
   mesh = make_mesh()
   validate_config(config, num_devices=mesh.size)
+  if config.init_torch_checkpoint and not os.path.isfile(config.init_torch_checkpoint):
+    raise UserError(f"init_torch_checkpoint {config.init_torch_checkpoint} is not a file; give "
+                    "the original's checkpoint, e.g. checkpoints/ddpm_checkpoint")
   workdir = pathlib.Path(workdir)
   _prepare_workdir(config, workdir)
 
@@ -261,7 +288,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # Unreadable steps newer than the one restored are set aside: this run writes them again.
     abstract = checkpoint.with_sharding(abstract_train_state(config), replicated)
     found = checkpoint.restore_latest(mngr, abstract, set_aside=True)
-    if found is None:
+    if found is None and config.init_torch_checkpoint:
+      state = state_from_torch_checkpoint(config, config.init_torch_checkpoint, replicated)
+      start_step = int(state.step)
+      print(f"Starting {workdir} from the PyTorch checkpoint {config.init_torch_checkpoint} "
+            f"at step {start_step}", flush=True)
+    elif found is None:
       state, start_step = create_train_state(config, replicated), 0
     else:
       start_step, state, _ = found

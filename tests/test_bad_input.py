@@ -111,6 +111,9 @@ CASES = {
     "sample_steps_beyond_schedule": lambda t: (
         _train(t, "--config.sample_every_steps=2", "--config.sample_num_steps=1001"), {},
         "sample_num_steps (DDIM steps) must be in 1..1000, got 1001"),
+    "init_torch_checkpoint_missing": lambda t: (
+        _train(t, f"--config.init_torch_checkpoint={t / 'nope.pt'}"), {},
+        f"init_torch_checkpoint {t / 'nope.pt'} is not a file"),
     "missing_idx_dir": lambda t: (
         _train(t, "--config.data.source=idx", "--config.data.dir=/nonexistent"), {},
         "IDX data dir /nonexistent does not exist"),

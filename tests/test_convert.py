@@ -13,7 +13,8 @@ import torch
 import reference_torch as R
 from ddpm_jax import checkpoint
 from ddpm_jax.config_defaults import base_config
-from ddpm_jax.convert import flax_to_torch, infer_architecture, load_torch_checkpoint, torch_to_flax
+from ddpm_jax.convert import (flax_to_torch, infer_architecture, load_torch_checkpoint,
+                              load_torch_training_state, to_torch_checkpoint, torch_to_flax)
 from ddpm_jax.errors import UserError
 from ddpm_jax.model import UNet
 from ddpm_jax.train import train_and_evaluate
@@ -126,11 +127,18 @@ def _convert(*args):
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
-def test_cli_writes_a_run_as_the_original_checkpoint(tmp_path):
+def _micro_config(**overrides):
   config = base_config()
   config.model.channels, config.model.num_groups, config.model.num_heads = (
       (8, 16, 32, 64, 64, 48), 4, 2)
   config.batch_size, config.num_train_steps, config.learning_rate = 4, 2, 1e-3
+  config.log_every_steps = config.checkpoint_every_steps = 2
+  config.update(overrides)
+  return config
+
+
+def test_cli_writes_a_run_as_the_original_checkpoint(tmp_path):
+  config = _micro_config()
   workdir, out = tmp_path / "run", tmp_path / "torch" / "ddpm_checkpoint"
   train_and_evaluate(config, str(workdir))
   proc = _convert("--workdir", workdir, "--out", out)
@@ -156,3 +164,40 @@ def test_cli_writes_a_run_as_the_original_checkpoint(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
   assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("warmup_steps", [0, 4])
+def test_a_run_through_the_original_format_and_back_resumes_bit_identically(tmp_path,
+                                                                             warmup_steps):
+  """Three steps, exported as the original's checkpoint, then a new workdir started from it
+  with init_torch_checkpoint: the same six steps as a run that never left JAX."""
+  straight = train_and_evaluate(_micro_config(num_train_steps=6, warmup_steps=warmup_steps),
+                                str(tmp_path / "straight"))
+  part = train_and_evaluate(_micro_config(num_train_steps=3, warmup_steps=warmup_steps),
+                            str(tmp_path / "part"))
+  path = tmp_path / "ddpm_checkpoint"
+  torch.save(to_torch_checkpoint(part.params, part.ema_params, part.opt_state, 1e-3), path)
+  resumed = train_and_evaluate(_micro_config(num_train_steps=6, warmup_steps=warmup_steps,
+                                             init_torch_checkpoint=str(path)),
+                               str(tmp_path / "from_torch"))
+  assert int(resumed.step) == 6
+  for x, y in zip(jax.tree.leaves(jax.device_get(straight)),
+                  jax.tree.leaves(jax.device_get(resumed)), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_training_state_errors(tmp_path, quarter_ref):
+  model = UNet(**QUARTER)
+  weights_only = tmp_path / "weights_only.pt"
+  torch.save({"weights": quarter_ref.state_dict(), "ema": quarter_ref.state_dict()}, weights_only)
+  with pytest.raises(UserError, match="has no 'optimizer' entry"):
+    load_torch_training_state(weights_only, model)
+  # A fresh optimizer (no step taken) gives zero moments at step 0.
+  fresh = tmp_path / "fresh.pt"
+  optimizer = torch.optim.Adam(quarter_ref.parameters(), lr=2e-5)
+  torch.save({"weights": quarter_ref.state_dict(), "ema": quarter_ref.state_dict(),
+              "optimizer": optimizer.state_dict()}, fresh)
+  _, _, adam = load_torch_training_state(fresh, model)
+  assert int(adam.count) == 0 and not any(np.any(np.asarray(m)) for m in jax.tree.leaves(adam.mu))
+  with pytest.raises(UserError, match="wrong shapes"):
+    load_torch_training_state(fresh, UNet(**dict(QUARTER, channels=(16, 32, 64, 128, 128, 64))))
