@@ -15,6 +15,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import numpy as np
 import pytest
 
+from ddpm_jax.config_defaults import base_config
+
 
 def load_config_file(path):
   """``get_config()`` of the config file at ``path``."""
@@ -70,3 +72,19 @@ def randomize_norms(model, seed: int = 0):
       if "gnorm" in name:
         p.add_(0.1 * torch.randn(p.shape, generator=g))
   return model
+
+
+def micro_config(**overrides):
+  """A very small UNet with the original's wiring, for fast loop tests."""
+  config = base_config()
+  config.model.channels = (8, 16, 32, 64, 64, 48)
+  config.model.num_groups = 4
+  config.model.num_heads = 2
+  config.batch_size = 8
+  config.num_train_steps = 4
+  config.learning_rate = 1e-3
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 2
+  for key, value in overrides.items():
+    config[key] = value
+  return config

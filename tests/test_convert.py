@@ -12,13 +12,12 @@ import torch
 
 import reference_torch as R
 from ddpm_jax import checkpoint
-from ddpm_jax.config_defaults import base_config
 from ddpm_jax.convert import (flax_to_torch, infer_architecture, load_torch_checkpoint,
                               load_torch_training_state, to_torch_checkpoint, torch_to_flax)
 from ddpm_jax.errors import UserError
 from ddpm_jax.model import UNet
 from ddpm_jax.train import train_and_evaluate
-from tests.conftest import QUARTER, randomize_norms, reference_kwargs
+from tests.conftest import QUARTER, micro_config, randomize_norms, reference_kwargs
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -127,18 +126,8 @@ def _convert(*args):
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
-def _micro_config(**overrides):
-  config = base_config()
-  config.model.channels, config.model.num_groups, config.model.num_heads = (
-      (8, 16, 32, 64, 64, 48), 4, 2)
-  config.batch_size, config.num_train_steps, config.learning_rate = 4, 2, 1e-3
-  config.log_every_steps = config.checkpoint_every_steps = 2
-  config.update(overrides)
-  return config
-
-
 def test_cli_writes_a_run_as_the_original_checkpoint(tmp_path):
-  config = _micro_config()
+  config = micro_config(batch_size=4, num_train_steps=2)
   workdir, out = tmp_path / "run", tmp_path / "torch" / "ddpm_checkpoint"
   train_and_evaluate(config, str(workdir))
   proc = _convert("--workdir", workdir, "--out", out)
@@ -171,14 +160,15 @@ def test_a_run_through_the_original_format_and_back_resumes_bit_identically(tmp_
                                                                              warmup_steps):
   """Three steps, exported as the original's checkpoint, then a new workdir started from it
   with init_torch_checkpoint: the same six steps as a run that never left JAX."""
-  straight = train_and_evaluate(_micro_config(num_train_steps=6, warmup_steps=warmup_steps),
-                                str(tmp_path / "straight"))
-  part = train_and_evaluate(_micro_config(num_train_steps=3, warmup_steps=warmup_steps),
-                            str(tmp_path / "part"))
+  def config(steps, **overrides):
+    return micro_config(batch_size=4, num_train_steps=steps, warmup_steps=warmup_steps,
+                        **overrides)
+
+  straight = train_and_evaluate(config(6), str(tmp_path / "straight"))
+  part = train_and_evaluate(config(3), str(tmp_path / "part"))
   path = tmp_path / "ddpm_checkpoint"
   torch.save(to_torch_checkpoint(part.params, part.ema_params, part.opt_state, 1e-3), path)
-  resumed = train_and_evaluate(_micro_config(num_train_steps=6, warmup_steps=warmup_steps,
-                                             init_torch_checkpoint=str(path)),
+  resumed = train_and_evaluate(config(6, init_torch_checkpoint=str(path)),
                                str(tmp_path / "from_torch"))
   assert int(resumed.step) == 6
   for x, y in zip(jax.tree.leaves(jax.device_get(straight)),

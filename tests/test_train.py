@@ -15,29 +15,13 @@ import pytest
 from PIL import Image
 
 from ddpm_jax import checkpoint, images, sampling
-from ddpm_jax.config_defaults import base_config
 from ddpm_jax.model import build_unet
 from ddpm_jax.schedule import linear_schedule
 from ddpm_jax.train import abstract_train_state, sample_grid_path, train_and_evaluate
 from ddpm_jax.train_state import ema_update
+from tests.conftest import micro_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def micro_config(**overrides):
-  """A very small UNet with the original's wiring, for fast loop tests."""
-  config = base_config()
-  config.model.channels = (8, 16, 32, 64, 64, 48)
-  config.model.num_groups = 4
-  config.model.num_heads = 2
-  config.batch_size = 8
-  config.num_train_steps = 4
-  config.learning_rate = 1e-3
-  config.log_every_steps = 2
-  config.checkpoint_every_steps = 2
-  for key, value in overrides.items():
-    config[key] = value
-  return config
 
 
 def _leaves(state):
@@ -120,7 +104,7 @@ _DEVICE_SCRIPT = textwrap.dedent("""
     import os, sys
     import numpy as np, jax
     sys.path.insert(0, {repo!r})
-    from tests.test_train import micro_config
+    from tests.conftest import micro_config
     from ddpm_jax.train import train_and_evaluate
     assert len(jax.devices()) == int(sys.argv[2]), jax.devices()
     state = train_and_evaluate(micro_config(num_train_steps=3), sys.argv[1])
