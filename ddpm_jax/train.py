@@ -274,14 +274,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     raise UserError(f"init_torch_checkpoint {config.init_torch_checkpoint} is not a file; give "
                     "the original's checkpoint, e.g. checkpoints/ddpm_checkpoint")
   workdir = pathlib.Path(workdir)
-  _prepare_workdir(config, workdir)
-
+  replicated = NamedSharding(mesh, P())
+  # A new workdir starting from the original's checkpoint is created only once that file
+  # has been read and found to fit the model: a refused one leaves no workdir behind.
+  from_torch = None
+  if config.init_torch_checkpoint and not (workdir / checkpoint.CONFIG_FILE).is_file():
+    from_torch = state_from_torch_checkpoint(config, config.init_torch_checkpoint, replicated)
   images, _ = data.load_dataset(config.data, "train")
   images = data.preprocess(images, config.data.image_size, config.data.range)
   if len(images) < config.batch_size:  # Said before anything compiles.
     raise UserError(f"the data set has {len(images)} images, fewer than one batch of "
                     f"{config.batch_size}; lower batch_size")
-  replicated = NamedSharding(mesh, P())
+  _prepare_workdir(config, workdir)
 
   mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
   try:
@@ -289,7 +293,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     abstract = checkpoint.with_sharding(abstract_train_state(config), replicated)
     found = checkpoint.restore_latest(mngr, abstract, set_aside=True)
     if found is None and config.init_torch_checkpoint:
-      state = state_from_torch_checkpoint(config, config.init_torch_checkpoint, replicated)
+      state = from_torch if from_torch is not None else state_from_torch_checkpoint(
+          config, config.init_torch_checkpoint, replicated)
       start_step = int(state.step)
       print(f"Starting {workdir} from the PyTorch checkpoint {config.init_torch_checkpoint} "
             f"at step {start_step}", flush=True)

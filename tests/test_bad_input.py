@@ -55,6 +55,16 @@ def _workdir_with(tmp, config_json: str, empty_steps=()):
     (workdir / checkpoint.CHECKPOINTS / str(step)).mkdir()
 
 
+def _torch_checkpoint_of_another_width(tmp):
+  """The original's full checkpoint of a UNET narrower than ARCHITECTURE's."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import reference_torch  # pylint: disable=g-import-not-at-top
+  model = reference_torch.UNET(Channels=[8, 16, 32, 64, 64, 48], num_groups=4, num_heads=2)
+  torch.save({"weights": model.state_dict(), "ema": model.state_dict(),
+              "optimizer": torch.optim.Adam(model.parameters()).state_dict()}, tmp / "narrow.pt")
+  return f"--config.init_torch_checkpoint={tmp / 'narrow.pt'}"
+
+
 def _tiny_config_json():
   return checkpoint.config_to_json(load_config_file(TINY))
 
@@ -114,6 +124,9 @@ CASES = {
     "init_torch_checkpoint_missing": lambda t: (
         _train(t, f"--config.init_torch_checkpoint={t / 'nope.pt'}"), {},
         f"init_torch_checkpoint {t / 'nope.pt'} is not a file"),
+    "init_torch_checkpoint_other_architecture": lambda t: (
+        _train(t, _torch_checkpoint_of_another_width(t)), {},
+        f"{t / 'narrow.pt'}: state_dict does not match the UNet: wrong shapes for this UNet"),
     "missing_idx_dir": lambda t: (
         _train(t, "--config.data.source=idx", "--config.data.dir=/nonexistent"), {},
         "IDX data dir /nonexistent does not exist"),
@@ -197,7 +210,8 @@ def test_bad_input_gives_one_error_line(name, results):
 def test_a_workdir_refused_for_bad_input_is_left_alone(results, tmp_path_factory):
   del results  # Only the cases' workdirs.
   root = tmp_path_factory.getbasetemp()
-  for name in ("unknown_key", "groups_do_not_divide_channels", "batch_not_divisible_by_devices"):
+  for name in ("unknown_key", "groups_do_not_divide_channels", "batch_not_divisible_by_devices",
+               "init_torch_checkpoint_other_architecture", "missing_idx_dir"):
     assert not (next(root.glob(f"{name}*")) / "run").exists(), name
 
 
