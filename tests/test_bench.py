@@ -222,3 +222,40 @@ def test_merging_parts_gives_back_the_whole_run(quick, tmp_path):
   assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
   assert "measured on another device" in proc.stderr
   assert not (tmp_path / "refused.json").exists()
+
+
+@pytest.mark.slow
+def test_gpu_bench_script_leaves_its_files_when_a_part_runs_out_of_time(tmp_path):
+  """``scripts/gpu_bench.sh``, the one device call of BENCHMARKS.md, run on the CPU with
+  CI-sized flags and its batch-256 sampler part given 1 s (less than its imports): that part is reported cut short,
+  the others' figures are merged, and the training loop's time per step is projected."""
+  out = tmp_path / "out"
+  proc = subprocess.run(
+      ["bash", "scripts/gpu_bench.sh", str(out), TINY, "--quick", "--batch_sizes", "4",
+       "--dtypes", "float32", "--nobreakdown"], cwd=ROOT, capture_output=True, text=True,
+      timeout=900, check=False,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, GPU_BENCH_LOOP_STEPS="8",
+               GPU_BENCH_LIMITS="300 300 300 1 300"))
+  assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-2000:]
+  for part in ("train64", "sample64", "train256", "loop"):
+    assert f"== {part}: exit 0\n" in proc.stdout, proc.stdout[-4000:]
+  assert "== sample256: exit 124 (time limit)\n" in proc.stdout
+  assert sorted(p.name for p in out.iterdir()) == [
+      "bench.log", "bench_gpu.json", "bench_sample64.json", "bench_train256.json",
+      "bench_train64.json", "loop_metrics.jsonl"]
+  merged = json.loads((out / "bench_gpu.json").read_text())
+  parts = [json.loads((out / f"bench_{p}.json").read_text())
+           for p in ("train64", "sample64", "train256")]
+  assert all(p["complete"] for p in parts) and merged["complete"]
+  assert merged["train"] == parts[0]["train"] + parts[2]["train"]
+  assert merged["sampling"] == parts[1]["sampling"]
+  assert [r["framework"] for r in merged["train"]] == ["jax", "torch", "torch"] * 2
+  # The loop part: python -m ddpm_jax.train for 8 steps, a metrics line a step.
+  records = [json.loads(line) for line in (out / "loop_metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == list(range(1, 9))
+  per_step = (records[-1]["time"] - records[0]["time"]) / 7
+  line = next(l for l in proc.stdout.splitlines() if l.startswith("loop: steps 1..8: "))
+  assert f"{1e3 * per_step:.2f} ms/step, {70275 * per_step / 60:.1f} min" in line
+  log = (out / "bench.log").read_text()
+  assert [l for l in log.splitlines() if l.startswith("== ")] == [
+      "== train64", "== sample64", "== train256", "== sample256", "== loop"]
