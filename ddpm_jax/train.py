@@ -394,7 +394,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
             bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
           if end_of_epoch and is_main:
             epoch = step // batches.steps_per_epoch
-            epoch_loss = float(np.mean(metrics.epoch_losses)) if metrics.epoch_losses else float("nan")
+            epoch_loss = (float(np.mean(metrics.epoch_losses)) if metrics.epoch_losses
+                          else float("nan"))
             bar.write(f"Epoch {epoch} | Loss {epoch_loss:.5f}")
             metrics.epoch_losses = []
         if step % config.checkpoint_every_steps == 0 and step < total:

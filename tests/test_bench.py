@@ -227,8 +227,9 @@ def test_merging_parts_gives_back_the_whole_run(quick, tmp_path):
 @pytest.mark.slow
 def test_gpu_bench_script_leaves_its_files_when_a_part_runs_out_of_time(tmp_path):
   """``scripts/gpu_bench.sh``, the one device call of BENCHMARKS.md, run on the CPU with
-  CI-sized flags and its batch-256 sampler part given 1 s (less than its imports): that part is reported cut short,
-  the others' figures are merged, and the training loop's time per step is projected."""
+  CI-sized flags and its batch-256 sampler part given 1 s (less than its imports): that
+  part is reported cut short, the others' figures are merged, and the training loop's
+  time per step is projected."""
   out = tmp_path / "out"
   proc = subprocess.run(
       ["bash", "scripts/gpu_bench.sh", str(out), TINY, "--quick", "--batch_sizes", "4",
