@@ -12,7 +12,10 @@ CPU), with the same architecture, batch and float32 weights on both sides:
 * sampling img/s: the batched DDPM and DDIM scans of ``ddpm_jax.sampling`` against the
   original's one-image-at-a-time loop (``reference_torch.sample``);
 * memory, FLOPs per image (XLA's cost analysis and an analytic count), MFU on a GPU, and
-  a forward / backward / optimizer+EMA breakdown of the float32 step.
+  a forward / backward / optimizer+EMA breakdown of the float32 step;
+* parity: the same weights in both frameworks, and how far JAX's output, loss and
+  gradients are from the original's on this device, at the timed precision (JAX's
+  default; TF32 on a recent GPU), at full float32 and per JAX compute dtype.
 
 Warm-up calls are not timed; each figure is the median of ``--reps`` repetitions, with
 ``jax.block_until_ready`` / ``torch.cuda.synchronize`` before every clock read. Every
@@ -33,6 +36,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,g-bad-import-order
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -44,7 +48,7 @@ import resource
 import shlex
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +58,7 @@ from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from ddpm_jax import diffusion, files, sampling, train
+from ddpm_jax import convert, diffusion, files, sampling, train
 from ddpm_jax.config_checks import check_overrides_given_once, validate_config
 from ddpm_jax.config_defaults import base_config
 from ddpm_jax.errors import UserError, run_cli
@@ -91,7 +95,9 @@ PEAK_KEY = {"float32": "tf32", "bfloat16": "bfloat16", "float16": "bfloat16"}
 ENV_VARS = ("CUDA_VISIBLE_DEVICES", "XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE",
             "OMP_NUM_THREADS", "JAX_PLATFORMS", "JAX_COMPILATION_CACHE_DIR")
 
-PARTS = ("train", "sample")
+PARTS = ("train", "sample", "parity")
+# Images in the parity check: the numbers, not the speed, so a small batch.
+PARITY_BATCH = 8
 
 # --quick: CI-sized settings, applied to the flags not given on the command line.
 QUICK = dict(batch_sizes=["8"], reps=2, warmup=1, min_rep_s=0.0, sample_timed_steps=4,
@@ -128,9 +134,10 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_bool("torch_compile", True, "Also time the original's step with the model "
                     "under torch.compile (minutes to compile on a CPU).", flag_values=fv)
   flags.DEFINE_list("parts", list(PARTS), "What to measure: 'train' (the train-step rows, "
-                    "ratios and breakdown) and/or 'sample' (the samplers and the original's "
-                    "loop). On a machine with a time limit per command, run them as two.",
-                    flag_values=fv)
+                    "ratios and breakdown), 'sample' (the samplers and the original's loop) "
+                    "and/or 'parity' (JAX's output, loss and gradients against the "
+                    "original's, same weights, on this device). On a machine with a time "
+                    "limit per command, run them apart.", flag_values=fv)
   flags.DEFINE_bool("breakdown", True, "Time forward, backward and optimizer+EMA of the "
                     "float32 step separately, for both frameworks (first batch size).",
                     flag_values=fv)
@@ -471,13 +478,16 @@ def jax_sample(config: ml_collections.ConfigDict, dtype: str, batch: int, sample
 # --- PyTorch ---------------------------------------------------------------------------
 
 
-def reference_model(config: ml_collections.ConfigDict, devices: Devices):
-  """``reference_torch.UNET`` with the config's architecture, on the torch device."""
+def reference_model(config: ml_collections.ConfigDict, devices: Devices,
+                    dropout_prob: float | None = None):
+  """``reference_torch.UNET`` with the config's architecture (and dropout unless given),
+  on the torch device."""
   torch.manual_seed(config.seed)
   m = config.model
   return R.UNET(Channels=list(m.channels), Attentions=list(m.attentions),
                 Upscales=list(m.upscales), num_groups=m.num_groups,
-                dropout_prob=m.dropout_rate, num_heads=m.num_heads,
+                dropout_prob=m.dropout_rate if dropout_prob is None else dropout_prob,
+                num_heads=m.num_heads,
                 input_channels=config.data.channels, output_channels=m.out_channels,
                 time_steps=m.time_steps).to(devices.torch_device)
 
@@ -586,6 +596,111 @@ def torch_sample(config: ml_collections.ConfigDict, devices: Devices,
   return dict(framework="torch", sampler=f"DDPM-{full} (original, one image at a time)",
               dtype="float32", batch=1, steps=full, timed_steps=timed, scaled=timed < full,
               img_per_s=1.0 / image_s, seconds_per_batch=image_s, timing=timing.to_json())
+
+
+# --- Parity ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def torch_full_float32(enabled: bool):
+  """With ``enabled``, torch's float32 convolutions and matmuls at full precision (no TF32)."""
+  saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+  if enabled:
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+  try:
+    yield
+  finally:
+    torch.set_float32_matmul_precision(saved[0])
+    torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+def parity_inputs(config: ml_collections.ConfigDict, batch: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``(x_t, t, e)`` of a training step, NCHW float32: digits-like uniform images noised to
+  timesteps spread over the schedule, and their noise."""
+  rng = np.random.default_rng(config.seed)
+  shape = (batch, config.data.channels, config.data.image_size, config.data.image_size)
+  x0 = rng.random(shape, dtype=np.float32)
+  e = rng.standard_normal(shape, dtype=np.float32)
+  t = np.linspace(0, config.schedule.num_steps - 1, batch).round().astype(np.int64)
+  a = np.asarray(train.make_schedule(config).alphas_cumprod)[t].reshape(-1, 1, 1, 1)
+  return (np.sqrt(a) * x0 + np.sqrt(1 - a) * e).astype(np.float32), t, e
+
+
+def torch_loss_and_grads(model, x_t: np.ndarray, t: np.ndarray, e: np.ndarray,
+                         devices: Devices) -> tuple[np.ndarray, float, dict[str, np.ndarray]]:
+  """The original's output (NCHW), MSE loss on the noise and gradients by parameter name."""
+  model.zero_grad(set_to_none=True)
+  out = model(torch.from_numpy(x_t).to(devices.torch_device), torch.from_numpy(t))
+  loss = torch.mean((out - torch.from_numpy(e).to(devices.torch_device)) ** 2)
+  loss.backward()
+  grads = {name: p.grad.detach().cpu().numpy() for name, p in model.named_parameters()}
+  return out.detach().cpu().numpy(), float(loss), grads
+
+
+def jax_loss_and_grads(config: ml_collections.ConfigDict, dtype: str, params: Any,
+                       x_t: np.ndarray, t: np.ndarray, e: np.ndarray
+                       ) -> tuple[np.ndarray, float, dict[str, np.ndarray]]:
+  """The same from ``ddpm_jax`` at compute ``dtype``: output as NCHW, gradients as the
+  original's ``state_dict`` names and layouts (``convert.flax_to_torch``)."""
+  apply_fn = build_unet(with_settings(config, dtype=dtype).model).apply
+  x = jnp.asarray(x_t.transpose(0, 2, 3, 1))
+  eps = jnp.asarray(e.transpose(0, 2, 3, 1))
+
+  def loss_fn(p):
+    out = apply_fn({"params": p}, x, jnp.asarray(t, jnp.int32)).astype(jnp.float32)
+    return jnp.mean((out - eps) ** 2), out
+
+  (loss, out), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+  return (np.asarray(out).transpose(0, 3, 1, 2), float(loss),
+          convert.flax_to_torch(jax.device_get(grads)))
+
+
+def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+  return float(np.linalg.norm(a - b) / max(float(np.linalg.norm(b)), 1e-30))
+
+
+def parity_rows(config: ml_collections.ConfigDict, devices: Devices,
+                settings: Settings) -> Iterator[dict]:
+  """JAX against the original on this device, from the same weights and inputs.
+
+  The original UNET (dropout 0: the original applies attention dropout even in eval
+  mode) is converted to Flax params; both compute the output, the MSE on the noise and
+  every gradient for ``PARITY_BATCH`` noised images. Rows: float32 at the precision the
+  bench times ('default': JAX's default, TF32 on a recent GPU; torch set to match), float32
+  at full precision on both sides ('highest'), and each other JAX compute dtype against
+  torch float32 at the timed precision.
+  """
+  model = reference_model(config, devices, dropout_prob=0.0).eval()
+  state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+  params = jax.device_put(convert.torch_to_flax(state, build_unet(config.model)),
+                          devices.jax_device)
+  x_t, t, e = parity_inputs(config, PARITY_BATCH)
+  cases = [("float32", "default"), ("float32", "highest")]
+  cases += [(d, "default") for d in settings.dtypes if d != "float32"]
+  references = {}
+  for dtype, precision in cases:
+    highest = precision == "highest"
+    if precision not in references:
+      with torch_full_float32(highest):
+        references[precision] = torch_loss_and_grads(model, x_t, t, e, devices)
+    ref_out, ref_loss, ref_grads = references[precision]
+    with jax.default_matmul_precision("highest") if highest else contextlib.nullcontext():
+      out, loss, grads = jax_loss_and_grads(config, dtype, params, x_t, t, e)
+    names = list(ref_grads)
+    worst = max(names, key=lambda k: np.abs(grads[k] - ref_grads[k]).max()
+                / max(float(np.abs(ref_grads[k]).max()), 1e-30))
+    flat = [np.concatenate([g[k].ravel() for k in names]) for g in (grads, ref_grads)]
+    yield dict(
+        dtype=dtype, precision=precision, batch=PARITY_BATCH,
+        timesteps=[int(t.min()), int(t.max())], output_scale=float(np.abs(ref_out).max()),
+        output_max_abs_diff=float(np.abs(out - ref_out).max()),
+        output_rel_l2=_rel_l2(out, ref_out), loss_jax=loss, loss_torch=ref_loss,
+        grads_rel_l2=_rel_l2(*flat), worst_param=worst,
+        worst_param_max_abs_diff_over_max=float(
+            np.abs(grads[worst] - ref_grads[worst]).max()
+            / max(float(np.abs(ref_grads[worst]).max()), 1e-30)))
 
 
 # --- The run ---------------------------------------------------------------------------
@@ -703,11 +818,11 @@ def run_bench(config: ml_collections.ConfigDict, settings: Settings, command: st
   info = device_info(devices)
   date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
   start = time.perf_counter()
-  train_rows, sample_rows, seed = [], [], None
+  train_rows, sample_rows, parity, seed = [], [], [], None
 
   def document(complete: bool) -> dict:
     return assemble(config, settings, command, date, devices, info, train_rows, sample_rows,
-                    seed, complete)
+                    parity, seed, complete)
 
   def log(message: str) -> None:
     save(document(complete=False))  # Before the line: whoever reads it finds the figure.
@@ -716,6 +831,11 @@ def run_bench(config: ml_collections.ConfigDict, settings: Settings, command: st
   log(f"{info['kind']} ({devices.note}); batch sizes {settings.batch_sizes}, "
       f"JAX dtypes {settings.dtypes}, parts {','.join(settings.parts)}")
   with jax.default_device(devices.jax_device):
+    if "parity" in settings.parts:  # First: quick, and the numbers the timings stand on.
+      for row in parity_rows(config, devices, settings):
+        parity.append(row)
+        log(f"parity JAX {row['dtype']} {row['precision']} precision: output rel L2 "
+            f"{row['output_rel_l2']:.1e}, gradients rel L2 {row['grads_rel_l2']:.1e}")
     # Params and Adam state are float32 whatever the compute dtype: one state serves all.
     initial = train.create_train_state(config, NamedSharding(devices.mesh, P()))
     for i, batch in enumerate(settings.batch_sizes if "train" in settings.parts else ()):
@@ -751,7 +871,7 @@ def run_bench(config: ml_collections.ConfigDict, settings: Settings, command: st
 
 def assemble(config: ml_collections.ConfigDict, settings: Settings, command: str, date: str,
              devices: Devices, info: dict, train_rows: list[dict], sample_rows: list[dict],
-             seed: dict | None, complete: bool) -> dict:
+             parity: list[dict], seed: dict | None, complete: bool) -> dict:
   """The JSON document from the rows measured so far."""
   add_mfu(train_rows, devices, info["kind"])
   ratios = train_ratios(train_rows)
@@ -775,7 +895,7 @@ def assemble(config: ml_collections.ConfigDict, settings: Settings, command: str
                     env={k: os.environ.get(k) for k in ENV_VARS}),
       flops=dict(analytic_forward_flops_per_img=analytic,
                  analytic_train_flops_per_img=3 * analytic, seed_unet=seed),
-      train=train_rows, train_ratios=ratios, sampling=sample_rows,
+      train=train_rows, train_ratios=ratios, sampling=sample_rows, parity=parity,
       breakdown=dict(batch=settings.batch_sizes[0],
                      **{framework: next((r["breakdown"] for r in train_rows
                                          if r["framework"] == framework and "breakdown" in r),
@@ -853,6 +973,19 @@ def report(doc: dict) -> str:
     lines.append(f"| {r['sampler']} | {r['framework']} | {r['dtype']} | {r['batch']} | "
                  f"{timed} | {r['img_per_s']:.2f} | {r['seconds_per_batch']:.2f} | "
                  f"{_times(r.get('speedup_over_original'), '.0f')} |")
+  if doc.get("parity"):
+    lines += ["", f"Parity on this device: the original's weights in both, batch "
+              f"{doc['parity'][0]['batch']}, no dropout; JAX against torch float32 at the same "
+              "precision ('default': as timed; 'highest': no TF32 on either side)",
+              "| JAX dtype | precision | output max abs diff (output scale) | output rel L2 | "
+              "loss JAX / torch | gradients rel L2 | worst parameter: max abs diff / max |",
+              "|---|---|---|---|---|---|---|"]
+  for r in doc.get("parity", []):
+    lines.append(
+        f"| {r['dtype']} | {r['precision']} | {r['output_max_abs_diff']:.2e} "
+        f"({r['output_scale']:.2f}) | {r['output_rel_l2']:.2e} | {r['loss_jax']:.6f} / "
+        f"{r['loss_torch']:.6f} | {r['grads_rel_l2']:.2e} | {r['worst_param']}: "
+        f"{r['worst_param_max_abs_diff_over_max']:.2e} |")
   f = doc["flops"]
   seed = f["seed_unet"]
   xla = [r["xla_train_flops_per_img"] for r in doc["train"]

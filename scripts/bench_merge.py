@@ -62,6 +62,7 @@ def merge_documents(docs: list[dict], names: list[str]) -> dict:
                     parts=sorted({p for d in docs for p in d["settings"].get("parts", [])})),
       flops=dict(first["flops"], seed_unet=seeds[0] if seeds else None),
       train=train, train_ratios=ratios, sampling=sampling,
+      parity=[r for doc in docs for r in doc.get("parity", [])],
       breakdown=breakdowns[0] if breakdowns else dict(first["breakdown"], jax=None, torch=None),
       targets_applicable=applicable,
       targets=bench.evaluate_targets(train, ratios, sampling, applicable))

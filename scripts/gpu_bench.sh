@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # The GPU half of BENCHMARKS.md in one command that fits a 10-minute limit per command.
-# Five parts, each under its own time limit: bench.py's train rows at batch 64, its
-# samplers at batch 64, its train rows at batch 256, its samplers at batch 256 (bench.py
-# rewrites its JSON after every row, so a part cut short keeps what it measured), and
-# "loop": python -m ddpm_jax.train itself for GPU_BENCH_LOOP_STEPS steps (default 2000)
-# on the bundled digits, whose metrics give the whole loop's time per step (data,
-# dispatch, logging included), projected to the original's 70,275 steps.
+# Six parts, each under its own time limit: bench.py's parity rows (JAX's output and
+# gradients against the original's on the GPU), its train rows at batch 64, its samplers
+# at batch 64, its train rows at batch 256, its samplers at batch 256 (bench.py rewrites
+# its JSON after every row, so a part cut short keeps what it measured), and "loop":
+# python -m ddpm_jax.train itself for GPU_BENCH_LOOP_STEPS steps (default 1500) on the
+# bundled digits, whose metrics give the whole loop's time per step (data, dispatch,
+# logging included), projected to the original's 70,275 steps.
 #
 #   scripts/gpu_bench.sh OUTDIR [CONFIG [bench.py flags...]]
 #
 # CONFIG defaults to configs/mnist.py (the original UNET). GPU_BENCH_LIMITS overrides the
-# parts' limits in seconds (default "170 90 130 100 80": 570 s in all). Writes
+# parts' limits in seconds (default "40 160 85 120 90 70": 565 s in all). Writes
 # OUTDIR/bench_<part>.json for the bench parts, OUTDIR/bench.log (every part's output),
-# OUTDIR/loop_metrics.jsonl and OUTDIR/bench_gpu.json, the bench parts merged (7 files; a
-# device call returns up to 8).
+# OUTDIR/loop_metrics.jsonl and OUTDIR/bench_gpu.json, the bench parts merged (8 files,
+# as many as a device call returns).
 set -u
 out=${1:?usage: scripts/gpu_bench.sh OUTDIR [CONFIG [bench.py flags...]]}
 config=${2:-configs/mnist.py}
@@ -23,12 +24,12 @@ out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.." || exit 1
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-read -r -a limits <<< "${GPU_BENCH_LIMITS:-170 90 130 100 80}"
-if [ "${#limits[@]}" -ne 5 ]; then
-  echo "error: GPU_BENCH_LIMITS needs five numbers of seconds, got '${GPU_BENCH_LIMITS}'" >&2
+read -r -a limits <<< "${GPU_BENCH_LIMITS:-40 160 85 120 90 70}"
+if [ "${#limits[@]}" -ne 6 ]; then
+  echo "error: GPU_BENCH_LIMITS needs six numbers of seconds, got '${GPU_BENCH_LIMITS}'" >&2
   exit 2
 fi
-loop_steps=${GPU_BENCH_LOOP_STEPS:-2000}
+loop_steps=${GPU_BENCH_LOOP_STEPS:-1500}
 nvidia-smi -L 2>&1 || echo "no nvidia-smi"
 
 status=0
@@ -51,13 +52,14 @@ bench() {  # bench NAME LIMIT_S bench.py-flags...
   run_part "$name" "$limit" "$python" scripts/bench.py --config "$config" \
     --json "$out/bench_$name.json" "$@"
 }
-bench train64 "${limits[0]}" --parts train --batch_sizes 64 "$@"
-bench sample64 "${limits[1]}" --parts sample --batch_sizes 64 "$@"
-bench train256 "${limits[2]}" --parts train --batch_sizes 256 --nobreakdown "$@"
-bench sample256 "${limits[3]}" --parts sample --batch_sizes 256 "$@"
+bench parity "${limits[0]}" --parts parity "$@"
+bench train64 "${limits[1]}" --parts train --batch_sizes 64 "$@"
+bench sample64 "${limits[2]}" --parts sample --batch_sizes 64 "$@"
+bench train256 "${limits[3]}" --parts train --batch_sizes 256 --nobreakdown "$@"
+bench sample256 "${limits[4]}" --parts sample --batch_sizes 256 "$@"
 
 workdir=$(mktemp -d)
-run_part loop "${limits[4]}" "$python" -m ddpm_jax.train --config "$config" \
+run_part loop "${limits[5]}" "$python" -m ddpm_jax.train --config "$config" \
   --workdir "$workdir" --config.num_train_steps="$loop_steps" \
   --config.log_every_steps=$(( loop_steps / 8 > 0 ? loop_steps / 8 : 1 )) \
   --config.checkpoint_every_steps="$loop_steps"
@@ -80,7 +82,7 @@ rm -rf "$workdir"
 
 # One document and the tables for BENCHMARKS.md, from the bench parts that left a JSON.
 parts=()
-for name in train64 sample64 train256 sample256; do
+for name in parity train64 sample64 train256 sample256; do
   [ -s "$out/bench_$name.json" ] && parts+=("$out/bench_$name.json")
 done
 if [ "${#parts[@]}" -gt 0 ]; then

@@ -46,7 +46,7 @@ def test_metadata_and_table(quick):
   for name in ("python", "jax", "jaxlib", "flax", "optax", "torch", "numpy"):
     assert doc["versions"][name], name
   assert "--quick" in doc["command"] and TINY in doc["command"]
-  assert doc["complete"] and doc["settings"]["parts"] == ["train", "sample"]
+  assert doc["complete"] and doc["settings"]["parts"] == ["train", "sample", "parity"]
   assert doc["date"][:2] == "20"
   settings = doc["settings"]
   assert settings["quick"] and settings["batch_sizes"] == [8] and not settings["torch_compile"]
@@ -109,6 +109,32 @@ def test_sampling_rows(quick):
     assert r["seconds_per_batch"] == pytest.approx(r["timing"]["median_s"] * r["steps"] / 4)
     assert r["img_per_s"] == pytest.approx(8 / r["seconds_per_batch"])
     assert r["speedup_over_original"] == pytest.approx(r["img_per_s"] / original["img_per_s"])
+
+
+@pytest.mark.slow
+def test_parity_rows_hold_the_numbers_the_timings_stand_on(quick):
+  """The original's weights in both frameworks: float32 within the CPU parity tests'
+  limits (each side uses its own embedding table), bfloat16 measurably off but within
+  its 8-bit mantissa; on a CPU, 'highest' precision changes nothing."""
+  doc, stdout = quick
+  rows = {(r["dtype"], r["precision"]): r for r in doc["parity"]}
+  assert list(rows) == [("float32", "default"), ("float32", "highest"),
+                        ("bfloat16", "default")]
+  for r in rows.values():
+    assert r["batch"] == 8 and r["timesteps"] == [0, 999] and 0.1 < r["output_scale"] < 10
+    assert r["worst_param"].endswith((".weight", ".bias"))
+    assert r["loss_torch"] == pytest.approx(rows["float32", "default"]["loss_torch"], rel=1e-6)
+    assert (f"| {r['dtype']} | {r['precision']} | {r['output_max_abs_diff']:.2e} "
+            f"({r['output_scale']:.2f}) | {r['output_rel_l2']:.2e} |") in stdout
+  for precision in ("default", "highest"):
+    r = rows["float32", precision]
+    assert r["output_rel_l2"] < 1e-4 and r["grads_rel_l2"] < 1e-4
+    assert r["loss_jax"] == pytest.approx(r["loss_torch"], rel=1e-5)
+  assert rows["float32", "highest"]["output_rel_l2"] == pytest.approx(
+      rows["float32", "default"]["output_rel_l2"], rel=0.1)
+  bf16 = rows["bfloat16", "default"]
+  assert 1e-3 < bf16["output_rel_l2"] < 5e-2 and 1e-3 < bf16["grads_rel_l2"] < 0.1
+  assert bf16["loss_jax"] == pytest.approx(bf16["loss_torch"], rel=1e-2)
 
 
 @pytest.mark.slow
@@ -199,8 +225,10 @@ def test_merging_parts_gives_back_the_whole_run(quick, tmp_path):
   """The quick run split into its train and sample parts, merged: the same rows, ratios
   and targets, and the same tables."""
   doc, stdout = quick
-  train = dict(doc, train_ratios=[], sampling=[], settings=dict(doc["settings"], parts=["train"]))
-  sample = dict(doc, train=[], train_ratios=[], settings=dict(doc["settings"], parts=["sample"]),
+  train = dict(doc, train_ratios=[], sampling=[],
+               settings=dict(doc["settings"], parts=["train", "parity"]))
+  sample = dict(doc, train=[], train_ratios=[], parity=[],
+                settings=dict(doc["settings"], parts=["sample"]),
                 breakdown=dict(doc["breakdown"], jax=None, torch=None),
                 flops=dict(doc["flops"], seed_unet=None))
   paths = [tmp_path / "train.json", tmp_path / "sample.json"]
@@ -209,9 +237,10 @@ def test_merging_parts_gives_back_the_whole_run(quick, tmp_path):
   proc = _merge("--json", tmp_path / "merged.json", *paths)
   assert proc.returncode == 0, proc.stderr
   merged = json.loads((tmp_path / "merged.json").read_text())
-  for key in ("train", "train_ratios", "sampling", "breakdown", "flops", "targets", "device"):
+  for key in ("train", "train_ratios", "sampling", "parity", "breakdown", "flops", "targets",
+              "device"):
     assert merged[key] == doc[key], key
-  assert merged["complete"] and merged["settings"]["parts"] == ["sample", "train"]
+  assert merged["complete"] and merged["settings"]["parts"] == ["parity", "sample", "train"]
   assert merged["merged_from"] == list(map(str, paths))
   tables = stdout[stdout.index("Train step"):stdout.index("\n\nwrote")]
   assert tables in proc.stdout
@@ -236,20 +265,24 @@ def test_gpu_bench_script_leaves_its_files_when_a_part_runs_out_of_time(tmp_path
        "--dtypes", "float32", "--nobreakdown"], cwd=ROOT, capture_output=True, text=True,
       timeout=900, check=False,
       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, GPU_BENCH_LOOP_STEPS="8",
-               GPU_BENCH_LIMITS="300 300 300 1 300"))
+               GPU_BENCH_LIMITS="300 300 300 300 1 300"))
   assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-2000:]
-  for part in ("train64", "sample64", "train256", "loop"):
+  for part in ("parity", "train64", "sample64", "train256", "loop"):
     assert f"== {part}: exit 0\n" in proc.stdout, proc.stdout[-4000:]
   assert "== sample256: exit 124 (time limit)\n" in proc.stdout
   assert sorted(p.name for p in out.iterdir()) == [
-      "bench.log", "bench_gpu.json", "bench_sample64.json", "bench_train256.json",
-      "bench_train64.json", "loop_metrics.jsonl"]
+      "bench.log", "bench_gpu.json", "bench_parity.json", "bench_sample64.json",
+      "bench_train256.json", "bench_train64.json", "loop_metrics.jsonl"]
   merged = json.loads((out / "bench_gpu.json").read_text())
-  parts = [json.loads((out / f"bench_{p}.json").read_text())
-           for p in ("train64", "sample64", "train256")]
+  parity, *parts = [json.loads((out / f"bench_{p}.json").read_text())
+                    for p in ("parity", "train64", "sample64", "train256")]
   assert all(p["complete"] for p in parts) and merged["complete"]
   assert merged["train"] == parts[0]["train"] + parts[2]["train"]
   assert merged["sampling"] == parts[1]["sampling"]
+  assert parity["train"] == parity["sampling"] == [] and parts[0]["parity"] == []
+  assert merged["parity"] == parity["parity"]
+  assert [(r["dtype"], r["precision"]) for r in merged["parity"]] == [
+      ("float32", "default"), ("float32", "highest")]
   assert [r["framework"] for r in merged["train"]] == ["jax", "torch", "torch"] * 2
   # The loop part: python -m ddpm_jax.train for 8 steps, a metrics line a step.
   records = [json.loads(line) for line in (out / "loop_metrics.jsonl").read_text().splitlines()]
@@ -259,4 +292,4 @@ def test_gpu_bench_script_leaves_its_files_when_a_part_runs_out_of_time(tmp_path
   assert f"{1e3 * per_step:.2f} ms/step, {70275 * per_step / 60:.1f} min" in line
   log = (out / "bench.log").read_text()
   assert [l for l in log.splitlines() if l.startswith("== ")] == [
-      "== train64", "== sample64", "== train256", "== sample256", "== loop"]
+      "== parity", "== train64", "== sample64", "== train256", "== sample256", "== loop"]
