@@ -237,6 +237,22 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
                   "directory away to start afresh")
 
 
+def restore_step(mngr: ocp.CheckpointManager, step: int, abstract_state: Any
+                 ) -> tuple[Any, dict]:
+  """``(state, meta)`` of the checkpoint at ``step``; :class:`UserError` naming the steps
+  there are if it is missing or cannot be read."""
+  mngr.reload()
+  steps = sorted(mngr.all_steps())
+  kept = ", ".join(map(str, steps)) or "none"
+  if step not in steps:
+    raise UserError(f"{mngr.directory} has no checkpoint at step {step}; its steps: {kept}")
+  try:
+    return _restore(mngr, step, abstract_state)
+  except Exception as e:  # orbax/tensorstore raise many types for a damaged checkpoint.
+    raise UserError(f"checkpoint step {step} in {mngr.directory} is unreadable ({_reason(e)}); "
+                    f"its steps: {kept}") from e
+
+
 def _set_aside(path: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
   """Moves ``path`` into ``folder`` under a name not yet taken there (process 0 only)."""
   target = folder / path.name
@@ -260,17 +276,19 @@ def with_sharding(abstract: Any, sharding: jax.sharding.Sharding | None) -> Any:
 
 
 def load_run(workdir: str | os.PathLike,
-             abstract_state_fn: Callable[[ml_collections.ConfigDict], Any] | None = None
-             ) -> tuple[ml_collections.ConfigDict, Any, Any]:
-  """``(config, params, ema_params)`` from a training workdir's newest readable checkpoint."""
-  config, _, state = load_run_state(workdir, abstract_state_fn)
+             abstract_state_fn: Callable[[ml_collections.ConfigDict], Any] | None = None,
+             step: int | None = None) -> tuple[ml_collections.ConfigDict, Any, Any]:
+  """``(config, params, ema_params)`` from a training workdir's newest readable checkpoint,
+  or from its checkpoint at ``step``."""
+  config, _, state = load_run_state(workdir, abstract_state_fn, step)
   return config, state.params, state.ema_params
 
 
 def load_run_state(workdir: str | os.PathLike,
-                   abstract_state_fn: Callable[[ml_collections.ConfigDict], Any] | None = None
-                   ) -> tuple[ml_collections.ConfigDict, int, Any]:
-  """``(config, step, train_state)`` from a training workdir's newest readable checkpoint."""
+                   abstract_state_fn: Callable[[ml_collections.ConfigDict], Any] | None = None,
+                   step: int | None = None) -> tuple[ml_collections.ConfigDict, int, Any]:
+  """``(config, step, train_state)`` from a training workdir's newest readable checkpoint,
+  or from its checkpoint at ``step``."""
   workdir = pathlib.Path(workdir)
   if not workdir.is_dir():
     raise UserError(f"workdir {workdir} does not exist")
@@ -284,6 +302,8 @@ def load_run_state(workdir: str | os.PathLike,
     raise UserError(f"{workdir} has no {CHECKPOINTS}/ directory: train first")
   mngr = manager(workdir, read_only=True)
   try:
+    if step is not None:
+      return config, step, restore_step(mngr, step, abstract)[0]
     found = restore_latest(mngr, abstract)
   finally:
     mngr.close()

@@ -307,16 +307,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   """``python -m ddpm_jax.convert --workdir DIR --out FILE``: a run as the original's checkpoint."""
   parser = ArgumentParser(
       prog="python -m ddpm_jax.convert",
-      description="Writes a training workdir's newest checkpoint as the original tutorial's "
-      "PyTorch checkpoint ({'weights', 'optimizer', 'ema'}): its inference() samples from "
-      "it and its train(checkpoint_path=...) resumes it.")
+      description="Writes a training workdir's newest checkpoint (or --step's) as the "
+      "original tutorial's PyTorch checkpoint ({'weights', 'optimizer', 'ema'}): its "
+      "inference() samples from it and its train(checkpoint_path=...) resumes it.")
   parser.add_argument("--workdir", required=True, help="a ddpm_jax.train workdir")
   parser.add_argument("--out", required=True, help="the checkpoint file to write")
+  parser.add_argument("--step", type=int, default=None,
+                      help="the workdir's checkpoint of this step (default: the newest)")
   parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
   args = parser.parse_args(argv)
   files.check_outputs([args.out], args.overwrite)
   torch = _import_torch("writing a PyTorch checkpoint")
-  config, step, state = checkpoint.load_run_state(args.workdir)
+  config, step, state = checkpoint.load_run_state(args.workdir, step=args.step)
   ckpt = to_torch_checkpoint(state.params, state.ema_params, state.opt_state,
                              config.learning_rate)
   files.write_atomic(args.out, lambda f: torch.save(ckpt, f))

@@ -62,6 +62,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   source = parser.add_argument_group("weights (exactly one)")
   source.add_argument("--workdir", help="a ddpm_jax.train workdir")
   source.add_argument("--torch_checkpoint", help="a checkpoint file of the PyTorch original")
+  parser.add_argument("--step", type=int, default=None,
+                      help="--workdir only: the checkpoint of this step (default: the newest)")
   parser.add_argument("--num_samples", type=int, default=16)
   parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
   parser.add_argument("--num_steps", type=int, default=None,
@@ -107,6 +109,8 @@ def _check_args(args: argparse.Namespace) -> None:
       raise UserError(f"--eta must be in [0, 1], got {args.eta}")
   if args.clip_denoised and args.sampler != "ddim":
     raise UserError("--clip_denoised applies only to --sampler ddim")
+  if args.step is not None and args.workdir is None:
+    raise UserError("--step applies only to --workdir (a torch checkpoint holds one step)")
   if args.workdir is not None and (args.num_groups is not None or args.num_heads is not None):
     raise UserError("--num_groups and --num_heads apply only to --torch_checkpoint "
                     "(a workdir's config has them)")
@@ -116,8 +120,8 @@ def _check_args(args: argparse.Namespace) -> None:
       raise UserError(f"--{flag} must be positive, got {value}")
 
 
-def _load_workdir(workdir: str, use_ema: bool) -> Sampleable:
-  config, params, ema_params = checkpoint.load_run(workdir)
+def _load_workdir(workdir: str, use_ema: bool, step: int | None = None) -> Sampleable:
+  config, params, ema_params = checkpoint.load_run(workdir, step=step)
   if config.data.range not in DATA_RANGES:
     raise UserError(f"{workdir}: config data.range must be one of {', '.join(DATA_RANGES)}, "
                     f"got {config.data.range!r}")
@@ -239,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   outputs = [p for p in (args.out, args.npz, args.reverse_strip) if p]
   files.check_outputs(outputs, args.overwrite)
   if args.workdir is not None:
-    run, source = _load_workdir(args.workdir, args.use_ema), f"workdir {args.workdir}"
+    run = _load_workdir(args.workdir, args.use_ema, args.step)
+    source = f"workdir {args.workdir}" + ("" if args.step is None else f" at step {args.step}")
   else:
     run = _load_torch(args.torch_checkpoint, args.use_ema, args.num_groups, args.num_heads)
     source = f"torch checkpoint {args.torch_checkpoint}"

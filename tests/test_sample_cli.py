@@ -14,7 +14,7 @@ from PIL import Image
 
 import reference_torch as R
 from ddpm_jax import images, sample
-from ddpm_jax.checkpoint import read_config
+from ddpm_jax.checkpoint import load_run_state, read_config
 from ddpm_jax.errors import UserError
 from tests.conftest import QUARTER, randomize_norms, reference_kwargs
 
@@ -101,6 +101,7 @@ def test_argument_errors(checkpoint, tmp_path):
       ([*ckpt, "--sampler", "ddim", "--num_steps", 0, *out], r"must be in 1\.\.1000"),
       ([*ckpt, "--sampler", "plms", *out], "invalid choice"),
       (["--workdir", tmp_path, "--num_groups", 8, *out], "apply only to --torch_checkpoint"),
+      ([*ckpt, "--step", 2, *out], "--step applies only to --workdir"),
       (["--torch_checkpoint", tmp_path / "missing.pt", *out], "does not exist"),
       (["--torch_checkpoint", checkpoint, *out], "does not split into 32 groups"),
       ([*ckpt, "--out", tmp_path], "is a directory"),
@@ -135,7 +136,8 @@ def test_workdir_round_trip(tmp_path):
   train = subprocess.run(
       [sys.executable, "-m", "ddpm_jax.train", "--config", "configs/mnist_tiny.py",
        "--workdir", str(workdir), "--config.num_train_steps=3", "--config.batch_size=4",
-       "--config.schedule.num_steps=50", "--config.model.time_steps=50"],
+       "--config.schedule.num_steps=50", "--config.model.time_steps=50",
+       "--config.checkpoint_every_steps=1"],
       env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=ROOT, capture_output=True, text=True,
       timeout=600, check=False)
   assert train.returncode == 0, train.stderr[-2000:]
@@ -156,3 +158,18 @@ def test_workdir_round_trip(tmp_path):
   proc = _run("--workdir", workdir, "--num_samples", 2, "--sampler", "ddim", "--num_steps", 51,
               "--out", out / "other.png")
   assert proc.returncode == 2 and "must be in 1..50" in proc.stderr
+
+  # --step picks a checkpoint: the newest by name gives the default's images, an older one
+  # its own weights; a step not kept is one line naming those that are.
+  assert [int(load_run_state(workdir, step=s)[2].step) for s in (1, 2, 3)] == [1, 2, 3]
+  for step in (3, 2):
+    proc = _run("--workdir", workdir, "--step", step, "--num_samples", 2, "--sampler", "ddpm",
+                "--seed", 0, "--out", out / f"step{step}.png", "--npz", out / f"step{step}.npz")
+    assert proc.returncode == 0 and f"at step {step}" in proc.stdout, proc.stderr
+  with np.load(out / "samples.npz") as latest, np.load(out / "step3.npz") as step3, \
+       np.load(out / "step2.npz") as step2:
+    np.testing.assert_array_equal(step3["images"], latest["images"])
+    assert np.abs(step2["images"] - latest["images"]).max() > 1e-4
+  proc = _run("--workdir", workdir, "--step", 7, "--out", out / "seven.png")
+  assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+  assert "has no checkpoint at step 7; its steps: 1, 2, 3" in proc.stderr
