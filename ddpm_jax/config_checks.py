@@ -13,6 +13,7 @@ from ddpm_jax.errors import UserError
 ARCHITECTURE_KEYS = ("model", "schedule", "data.image_size", "data.channels")
 NAN_POLICIES = ("stop", "skip")
 DTYPES = ("float32", "bfloat16", "float16")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -96,6 +97,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     _require(config[key] > 0, f"{key} must be > 0, got {config[key]}")
   _require(config.warmup_steps >= 0 and config.grad_clip_norm >= 0,
            "warmup_steps and grad_clip_norm must be >= 0")
+  _require(config.lr_schedule in LR_SCHEDULES,
+           f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}; got {config.lr_schedule!r}")
+  _require(config.lr_schedule != "cosine" or config.num_train_steps > config.warmup_steps,
+           "lr_schedule=cosine decays to 0 at num_train_steps: set num_train_steps above "
+           f"warmup_steps ({config.warmup_steps}), got {config.num_train_steps}")
   _require(config.sample_every_steps >= 0,
            f"sample_every_steps must be >= 0 (0 = no samples), got {config.sample_every_steps}")
   _require(config.sample_num_images > 0,

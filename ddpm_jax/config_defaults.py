@@ -40,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.num_train_steps = -1  # > 0 overrides num_epochs
   config.learning_rate = 2e-5
   config.warmup_steps = 0
+  # 'constant' (the original) or 'cosine': after the warm-up, a cosine decay of the rate
+  # to 0 at num_train_steps (which must then be set).
+  config.lr_schedule = "constant"
   config.grad_clip_norm = 0.0  # 0 = no clipping, as the original
   config.ema_decay = 0.9999
 

@@ -43,8 +43,17 @@ def make_schedule(config: ml_collections.ConfigDict) -> Schedule:
   return linear_schedule(**config.schedule)
 
 
+def lr_decay_steps(config: ml_collections.ConfigDict) -> int:
+  """The step where a cosine ``lr_schedule`` reaches 0 (the run's last), else 0 (no decay).
+
+  Read with a default: a workdir written before the key existed trained at a constant rate.
+  """
+  return config.num_train_steps if config.get("lr_schedule", "constant") == "cosine" else 0
+
+
 def make_tx(config: ml_collections.ConfigDict):
-  return make_optimizer(config.learning_rate, config.warmup_steps, config.grad_clip_norm)
+  return make_optimizer(config.learning_rate, config.warmup_steps, config.grad_clip_norm,
+                        decay_steps=lr_decay_steps(config))
 
 
 def _init_state(config: ml_collections.ConfigDict) -> TrainState:
@@ -234,7 +243,8 @@ class _Metrics:
     steps = step - (self._last_step if self._last_step is not None else step - len(losses))
     finite = [l for l in losses if np.isfinite(l)]
     record = dict(step=step, loss=float(np.mean(finite)) if finite else float("nan"),
-                  lr=learning_rate_at(step, self._config.learning_rate, self._config.warmup_steps),
+                  lr=learning_rate_at(step, self._config.learning_rate, self._config.warmup_steps,
+                                      lr_decay_steps(self._config)),
                   img_per_s=steps * self._batch_size / max(now - self._last_time, 1e-9),
                   time=time.time())
     if self._resumed_from is not None:

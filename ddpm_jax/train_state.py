@@ -24,27 +24,40 @@ class TrainState:
   rng: jax.Array
 
 
-def make_optimizer(learning_rate: float, warmup_steps: int = 0, grad_clip_norm: float = 0.0,
-                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
-                   ) -> optax.GradientTransformation:
-  """Adam as the original (``torch.optim.Adam`` defaults), with optional warm-up and clipping.
+def learning_rate_schedule(learning_rate: float, warmup_steps: int = 0, decay_steps: int = 0
+                           ) -> float | optax.Schedule:
+  """The rate by step: constant (the original), after a linear warm-up from 0 over
+  ``warmup_steps``, and with ``decay_steps > 0`` a cosine decay to 0 at step
+  ``decay_steps`` (warm-up included)."""
+  if decay_steps > 0:
+    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, decay_steps,
+                                              end_value=0.0)
+  if warmup_steps > 0:
+    return optax.linear_schedule(0.0, learning_rate, warmup_steps)
+  return learning_rate
 
-  ``warmup_steps > 0`` ramps the rate linearly from 0; ``grad_clip_norm > 0`` clips the
-  global gradient norm. Both are off in the original's settings.
+
+def make_optimizer(learning_rate: float, warmup_steps: int = 0, grad_clip_norm: float = 0.0,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   decay_steps: int = 0) -> optax.GradientTransformation:
+  """Adam as the original (``torch.optim.Adam`` defaults), with optional warm-up, cosine
+  decay (:func:`learning_rate_schedule`) and clipping.
+
+  ``grad_clip_norm > 0`` clips the global gradient norm. Warm-up, decay and clipping are
+  off in the original's settings.
   """
-  lr = (optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps > 0
-        else learning_rate)
-  adam = optax.adam(lr, b1=b1, b2=b2, eps=eps)
+  adam = optax.adam(learning_rate_schedule(learning_rate, warmup_steps, decay_steps),
+                    b1=b1, b2=b2, eps=eps)
   if grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(grad_clip_norm), adam)
   return adam
 
 
-def learning_rate_at(step: int, learning_rate: float, warmup_steps: int = 0) -> float:
+def learning_rate_at(step: int, learning_rate: float, warmup_steps: int = 0,
+                     decay_steps: int = 0) -> float:
   """The rate ``make_optimizer`` applies at ``step`` (for logging)."""
-  if warmup_steps > 0 and step < warmup_steps:
-    return learning_rate * step / warmup_steps
-  return learning_rate
+  schedule = learning_rate_schedule(learning_rate, warmup_steps, decay_steps)
+  return float(schedule(step)) if callable(schedule) else schedule
 
 
 def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:

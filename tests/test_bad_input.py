@@ -118,6 +118,10 @@ CASES = {
         "batch_size 8 is not divisible by the 3 devices; use a multiple of 3"),
     "bad_nan_policy": lambda t: (
         _train(t, "--config.nan_policy=maybe"), {}, "nan_policy must be one of stop, skip"),
+    "cosine_without_num_train_steps": lambda t: (
+        _train(t, "--config.lr_schedule=cosine", "--config.num_train_steps=-1"), {},
+        "lr_schedule=cosine decays to 0 at num_train_steps: set num_train_steps above "
+        "warmup_steps (100), got -1"),
     "sample_steps_beyond_schedule": lambda t: (
         _train(t, "--config.sample_every_steps=2", "--config.sample_num_steps=1001"), {},
         "sample_num_steps (DDIM steps) must be in 1..1000, got 1001"),

@@ -1,6 +1,7 @@
 """Training: exact resume, data parallelism, the EMA, a falling loss, and config checks."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from ddpm_jax import checkpoint, images, sampling
 from ddpm_jax.model import build_unet
 from ddpm_jax.schedule import linear_schedule
 from ddpm_jax.train import abstract_train_state, sample_grid_path, train_and_evaluate
-from ddpm_jax.train_state import ema_update
+from ddpm_jax.train_state import ema_update, learning_rate_at, make_optimizer
 from tests.conftest import micro_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,6 +99,42 @@ def test_ema_arithmetic_closed_form():
     ema = ema_update(ema, {"w": p}, decay)
   # With constant params, ema_k = p + (e0 - p) * decay^k.
   np.testing.assert_allclose(float(ema["w"]), -1.0 + 3.0 * 0.9 ** 10, rtol=1e-6)
+
+
+@pytest.mark.parametrize("warmup_steps", [0, 3])
+def test_cosine_schedule_steps_adam_by_the_closed_form_rate(warmup_steps):
+  """With a constant gradient every Adam update is -lr_k (bias-corrected m / sqrt(v) = 1),
+  so the updates read off the rate: warm-up, then lr / 2 * (1 + cos(pi k' / K'))."""
+  lr, total = 0.5, 10
+  tx = make_optimizer(lr, warmup_steps, decay_steps=total)
+  params = {"w": jnp.float32(0.0)}
+  opt_state = tx.init(params)
+  steps = []
+  for _ in range(total + 1):
+    updates, opt_state = tx.update({"w": jnp.float32(3.0)}, opt_state, params)
+    steps.append(-float(updates["w"]))
+
+  def closed_form(k):
+    if k < warmup_steps:
+      return lr * k / warmup_steps
+    return lr / 2 * (1 + math.cos(math.pi * (k - warmup_steps) / (total - warmup_steps)))
+  expected = [closed_form(k) for k in range(total + 1)]
+  np.testing.assert_allclose(steps, expected, rtol=1e-5, atol=1e-7)
+  assert expected[-1] == 0.0 and max(expected) == lr
+  logged = [learning_rate_at(k, lr, warmup_steps, decay_steps=total) for k in range(total + 1)]
+  np.testing.assert_allclose(logged, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_cosine_run_logs_the_decaying_rate(tmp_path):
+  """A cosine run's metrics.jsonl logs the schedule's rate at each step, 0 at the end."""
+  config = micro_config(num_train_steps=6, log_every_steps=1, lr_schedule="cosine")
+  train_and_evaluate(config, str(tmp_path / "cosine"))
+  records = checkpoint.read_metrics(tmp_path / "cosine")
+  assert [r["step"] for r in records] == list(range(1, 7))
+  for r in records:
+    assert r["lr"] == pytest.approx(learning_rate_at(r["step"], 1e-3, 0, decay_steps=6),
+                                    abs=1e-9)
+  assert records[-1]["lr"] == 0.0
 
 
 _DEVICE_SCRIPT = textwrap.dedent("""
