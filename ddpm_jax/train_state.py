@@ -7,6 +7,7 @@ state donated touches each buffer once.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.struct
@@ -55,9 +56,13 @@ def make_optimizer(learning_rate: float, warmup_steps: int = 0, grad_clip_norm: 
 
 def learning_rate_at(step: int, learning_rate: float, warmup_steps: int = 0,
                      decay_steps: int = 0) -> float:
-  """The rate ``make_optimizer`` applies at ``step`` (for logging)."""
-  schedule = learning_rate_schedule(learning_rate, warmup_steps, decay_steps)
-  return float(schedule(step)) if callable(schedule) else schedule
+  """The rate ``make_optimizer`` applies at ``step``, in Python floats (for logging)."""
+  if warmup_steps > 0 and step < warmup_steps:
+    return learning_rate * step / warmup_steps
+  if decay_steps > 0:
+    progress = min(step - warmup_steps, decay_steps - warmup_steps) / (decay_steps - warmup_steps)
+    return learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+  return learning_rate
 
 
 def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
