@@ -837,7 +837,8 @@ def run_bench(config: ml_collections.ConfigDict, settings: Settings, command: st
         log(f"parity JAX {row['dtype']} {row['precision']} precision: output rel L2 "
             f"{row['output_rel_l2']:.1e}, gradients rel L2 {row['grads_rel_l2']:.1e}")
     # Params and Adam state are float32 whatever the compute dtype: one state serves all.
-    initial = train.create_train_state(config, NamedSharding(devices.mesh, P()))
+    initial = (train.create_train_state(config, NamedSharding(devices.mesh, P()))
+               if {"train", "sample"} & set(settings.parts) else None)
     for i, batch in enumerate(settings.batch_sizes if "train" in settings.parts else ()):
       for dtype in settings.dtypes:
         breakdown = settings.breakdown and i == 0 and dtype == "float32"
