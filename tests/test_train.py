@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -196,3 +197,57 @@ def test_abstract_state_matches_a_real_checkpoint_tree():
   n = sum(x.size for x in jax.tree.leaves(abstract.params))
   assert n == sum(x.size for x in jax.tree.leaves(abstract.ema_params)) > 0
   assert abstract.rng.dtype == jnp.uint32 and abstract.step.dtype == jnp.int32
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_result(tmp_path):
+  """Multi-host training as the README describes it, on one machine: two processes of
+  ``python -m ddpm_jax.train`` (one CPU device each, JAX_COORDINATOR_ADDRESS set) train 2
+  steps into one workdir, are started again and resume to 4. Each reads its half of every
+  batch, both write the same checkpoints, only process 0 writes the metrics, and the run
+  is bit-identical to one process training 4 steps on two devices."""
+  flags = ["--config", "configs/mnist_tiny.py", "--config.model.channels=(8,16,32,64,64,48)",
+           "--config.model.num_groups=4", "--config.model.num_heads=2",
+           "--config.batch_size=8", "--config.checkpoint_every_steps=2",
+           "--config.log_every_steps=2"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+
+  def train(workdir, steps, processes):
+    if processes == 1:
+      envs = [dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")]
+    else:
+      address = f"localhost:{_free_port()}"
+      envs = [dict(env, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(i)) for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "ddpm_jax.train", *flags,
+                               f"--workdir={workdir}", f"--config.num_train_steps={steps}"],
+                              cwd=REPO, env=e, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for e in envs]
+    try:
+      for proc in procs:
+        output = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, output[-3000:]
+    finally:  # One process failing leaves the other waiting for it.
+      for proc in procs:
+        proc.kill()
+        proc.wait()
+
+  train(tmp_path / "two", 2, processes=2)
+  train(tmp_path / "two", 4, processes=2)
+  train(tmp_path / "one", 4, processes=1)
+  _, step_two, two = checkpoint.load_run_state(tmp_path / "two")
+  _, step_one, one = checkpoint.load_run_state(tmp_path / "one")
+  assert step_two == step_one == 4
+  for x, y in zip(jax.tree.leaves(jax.device_get(two)), jax.tree.leaves(jax.device_get(one)),
+                  strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  lines = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r.get("resumed_from")) for r in lines] == [(2, None), (4, 2)]
+  assert [r["loss"] for r in lines] == [
+      r["loss"] for r in checkpoint.read_metrics(tmp_path / "one")]
