@@ -24,6 +24,10 @@ out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.." || exit 1
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+# One XLA compilation cache for all parts: the loop part then loads the float32 batch-64
+# train step that train64 compiled (each bench part's own programs differ in shape).
+cache=$(mktemp -d)
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$cache}
 read -r -a limits <<< "${GPU_BENCH_LIMITS:-60 165 85 90 90 75}"
 if [ "${#limits[@]}" -ne 6 ]; then
   echo "error: GPU_BENCH_LIMITS needs six numbers of seconds, got '${GPU_BENCH_LIMITS}'" >&2
@@ -81,7 +85,7 @@ print(f"loop: steps {first['step']}..{last['step']}: {1e3 * per_step:.2f} ms/ste
       "no compile, no checkpoints)")
 EOF
 fi
-rm -rf "$workdir"
+rm -rf "$workdir" "$cache"
 
 # One document and the tables for BENCHMARKS.md, from the bench parts that left a JSON.
 parts=()
