@@ -321,6 +321,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     mngr.close()
 
 
+def run_summary(config: ml_collections.ConfigDict, params: Any, mesh: Mesh, start_step: int,
+                total: int, steps_per_epoch: int, num_images: int) -> str:
+  """One line saying what the run trains, where, for how long and how."""
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  m = config.model
+  devices = f"{mesh.size} {mesh.devices.flat[0].platform} device{'s' * (mesh.size > 1)}"
+  if jax.process_count() > 1:
+    devices += f" in {jax.process_count()} processes"
+  rate = f"Adam lr {config.learning_rate:g}"
+  if config.warmup_steps:
+    rate += f" (warm-up {config.warmup_steps} steps)"
+  if lr_decay_steps(config):
+    rate += ", cosine decay to 0"
+  return (f"UNet {tuple(m.channels)}: {num_params:,} parameters, {m.dtype} compute, on "
+          f"{devices}; batch {config.batch_size}, steps {start_step} -> {total} "
+          f"({total / steps_per_epoch:.3g} epochs of {num_images:,} images); {rate}, "
+          f"EMA {config.ema_decay:g}")
+
+
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
            mngr: ocp.CheckpointManager, images: np.ndarray, state: TrainState, start_step: int,
            found: bool, mesh: Mesh) -> TrainState:
@@ -337,6 +356,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   metrics = _Metrics(workdir / checkpoint.METRICS_FILE, config.batch_size, config, is_main,
                      resumed_from=start_step if found else None)
   global_shape = (config.batch_size,) + images.shape[1:]
+  if is_main:
+    print(run_summary(config, state.params, mesh, start_step, total, batches.steps_per_epoch,
+                      len(images)), flush=True)
 
   pending = None  # The step whose checkpoint is still being written in the background.
 
@@ -423,6 +445,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   if stop.received is not None:
     print(f"Stopped by {stop.received} at step {step}; checkpoint saved in {workdir}. "
           "Run the same command again to resume.", flush=True)
+  elif is_main:
+    print(f"Trained to step {step}; checkpoints in {workdir / checkpoint.CHECKPOINTS}. "
+          f"Sample: python -m ddpm_jax.sample --workdir {workdir} --out samples.png",
+          flush=True)
   return state
 
 

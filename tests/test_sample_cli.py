@@ -141,6 +141,13 @@ def test_workdir_round_trip(tmp_path):
       env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=ROOT, capture_output=True, text=True,
       timeout=600, check=False)
   assert train.returncode == 0, train.stderr[-2000:]
+  # The run's one-line summary counts the original UNET's parameters for this architecture.
+  tiny = R.UNET(Channels=[8, 16, 32, 64, 64, 48], num_groups=4, num_heads=2)
+  count = sum(p.numel() for p in tiny.parameters())
+  first, last = train.stdout.splitlines()
+  assert first.startswith(f"UNet (8, 16, 32, 64, 64, 48): {count:,} parameters, float32 "
+                          "compute, on 1 cpu device; batch 4, steps 0 -> 3"), first
+  assert last.startswith(f"Trained to step 3; checkpoints in {workdir / 'checkpoints'}"), last
   out = tmp_path / "out"
   proc = _run("--workdir", workdir, "--num_samples", 2, "--sampler", "ddpm", "--seed", 0,
               "--out", out / "grid.png", "--npz", out / "samples.npz",
