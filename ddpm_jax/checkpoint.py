@@ -21,6 +21,7 @@ import os
 import pathlib
 import shutil
 import sys
+import warnings
 import zlib
 from typing import Any, Callable
 
@@ -169,9 +170,13 @@ def _quiet_failed_reads():
   try:
     yield
   finally:
-    # Collects the failed read's tasks and coroutines now, with their complaints.
+    # Collects the failed read's tasks and coroutines now, with their complaints: errors
+    # raised while collecting, and the warning for a coroutine the failed read never awaited.
     sys.unraisablehook = lambda unraisable: None
-    gc.collect()
+    with warnings.catch_warnings():
+      warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                              category=RuntimeWarning)
+      gc.collect()
     sys.unraisablehook = hook
     for logger, level in zip(loggers, levels):
       logger.setLevel(level)
