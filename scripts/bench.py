@@ -628,8 +628,9 @@ def parity_inputs(config: ml_collections.ConfigDict, batch: int
   x0 = rng.random(shape, dtype=np.float32)
   e = rng.standard_normal(shape, dtype=np.float32)
   t = np.linspace(0, config.schedule.num_steps - 1, batch).round().astype(np.int64)
-  a = np.asarray(train.make_schedule(config).alphas_cumprod)[t].reshape(-1, 1, 1, 1)
-  return (np.sqrt(a) * x0 + np.sqrt(1 - a) * e).astype(np.float32), t, e
+  x_t = diffusion.q_sample(train.make_schedule(config), jnp.asarray(x0), jnp.asarray(t),
+                           jnp.asarray(e))
+  return np.asarray(x_t), t, e
 
 
 def torch_loss_and_grads(model, x_t: np.ndarray, t: np.ndarray, e: np.ndarray,
