@@ -204,9 +204,10 @@ def generate(run: Sampleable, sampler: str, num_steps: int, eta: float, seed: in
              clip_denoised: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
   """``(images [N, H, W, C], frames [F, strip_rows, H, W, C], first_batch_seconds)``.
 
-  Runs full batches of ``batch_size`` with a progress bar; with ``strip_rows = 0`` no
-  frames are collected (``F = 0``). ``clip_denoised`` (DDIM) clips each predicted x0 to
-  the data range.
+  Runs full batches of ``batch_size`` under a progress bar that counts the reverse process's
+  updates over all batches (each batch reports after each of up to 20 chunks of its scan,
+  :func:`sampling.chunk_length`); with ``strip_rows = 0`` no frames are collected
+  (``F = 0``). ``clip_denoised`` (DDIM) clips each predicted x0 to the data range.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   rng = jax.random.key(seed)
@@ -217,21 +218,24 @@ def generate(run: Sampleable, sampler: str, num_steps: int, eta: float, seed: in
   frames = []
   first_batch_seconds = 0.0
   start_time = time.perf_counter()
-  for start in tqdm(range(0, num_samples, batch_size), desc=f"{sampler}-{num_steps}",
-                    unit="batch"):
-    if sampler == "ddpm":
-      x, f = sampling.ddpm_sample(apply_fn, run.params, run.schedule, rng, shape, times,
-                                  first_index=start)
-    else:
-      clip_x0 = DATA_BOUNDS[run.data_range] if clip_denoised else None
-      x, f = sampling.ddim_sample(apply_fn, run.params, run.schedule, rng, shape, num_steps,
-                                  eta, times, first_index=start, clip_x0=clip_x0)
-    count = min(batch_size, num_samples - start)
-    out[start:start + count] = np.asarray(x[:count])
-    if start < strip_rows:
-      frames.append(np.asarray(f[:, :min(count, strip_rows - start)]))
-    if start == 0:
-      first_batch_seconds = time.perf_counter() - start_time
+  num_batches = math.ceil(num_samples / batch_size)
+  with tqdm(total=num_batches * num_steps, unit="step",
+            desc=f"{sampler}-{num_steps}, {num_batches} x {batch_size} images") as bar:
+    for start in range(0, num_samples, batch_size):
+      if sampler == "ddpm":
+        x, f = sampling.ddpm_sample(apply_fn, run.params, run.schedule, rng, shape, times,
+                                    first_index=start, progress=bar.update)
+      else:
+        clip_x0 = DATA_BOUNDS[run.data_range] if clip_denoised else None
+        x, f = sampling.ddim_sample(apply_fn, run.params, run.schedule, rng, shape, num_steps,
+                                    eta, times, first_index=start, clip_x0=clip_x0,
+                                    progress=bar.update)
+      count = min(batch_size, num_samples - start)
+      out[start:start + count] = np.asarray(x[:count])
+      if start < strip_rows:
+        frames.append(np.asarray(f[:, :min(count, strip_rows - start)]))
+      if start == 0:
+        first_batch_seconds = time.perf_counter() - start_time
   frames_array = (np.concatenate(frames, axis=1) if frames else
                   np.zeros((0, 0) + run.image_shape, np.float32))
   return out, frames_array, first_batch_seconds

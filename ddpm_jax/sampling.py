@@ -3,7 +3,8 @@
 Each sampler runs every step of its reverse process inside a single ``jax.lax.scan`` under
 ``jax.jit``, for a whole batch at once, and collects the reverse-process strip inside the
 scan: the frames are written into a carried ``[F, B, H, W, C]`` buffer at the steps of a
-table fixed at trace time.
+table fixed at trace time. Given a ``progress`` callback, the same scan runs as up to 20
+equal chunks, one jitted call each, so that a long batch can report how far it is.
 
 Randomness is per example. Sample ``i`` of a call with ``rng`` and ``first_index`` uses the
 key ``fold_in(rng, first_index + i)``; that key is split into one for ``z_T`` and one for
@@ -38,6 +39,8 @@ StepFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array],
                   tuple[jax.Array, jax.Array]]
 # NoiseFn(i, t) -> the noise added after the i-th update, which is at step t.
 NoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
+# (z, frames): the reverse process's state and the strip's buffer, carried through the scan.
+Carry = tuple[jax.Array, jax.Array]
 
 # The original's `times`: the strip shows z after the mean update at each of these t, from
 # t = 999 down; the frame at t = 0 is the final image. 10 frames in all.
@@ -86,15 +89,17 @@ def predict_eps(apply_fn: ApplyFn, params: Any, z: jax.Array, t: jax.Array) -> j
   return apply_fn({"params": params}, z, t_batch, train=False).astype(jnp.float32)
 
 
-def _reverse_scan(apply_fn: ApplyFn, params: Any, z_T: jax.Array, steps: np.ndarray,
-                  slots: np.ndarray, step_fn: StepFn, noise_fn: NoiseFn
-                  ) -> tuple[jax.Array, jax.Array]:
-  """Runs ``step_fn`` over ``steps`` (descending) in one scan; returns (x_0, frames).
+def _initial_carry(z_T: jax.Array, num_frames: int) -> Carry:
+  return z_T.astype(jnp.float32), jnp.zeros((num_frames,) + z_T.shape, jnp.float32)
+
+
+def _reverse_scan(apply_fn: ApplyFn, params: Any, carry: Carry, xs: tuple[jax.Array, jax.Array],
+                  slots: np.ndarray, step_fn: StepFn, noise_fn: NoiseFn) -> Carry:
+  """Runs ``step_fn`` over the updates ``xs = (i, t)`` in one scan from ``carry = (z, frames)``.
 
   Frame ``f`` is the frame ``step_fn`` returns at the update ``slots[f]``, written into the
   carried buffer with a select, so one update may fill several frames.
   """
-  frames = jnp.zeros((len(slots),) + z_T.shape, jnp.float32)
   slots = jnp.asarray(slots)
 
   def body(carry, xs):
@@ -105,9 +110,8 @@ def _reverse_scan(apply_fn: ApplyFn, params: Any, z_T: jax.Array, steps: np.ndar
     hit = (slots == i)[:, None, None, None, None]
     return (z, jnp.where(hit, frame[None], frames)), None
 
-  xs = (jnp.arange(len(steps), dtype=jnp.int32), jnp.asarray(steps, jnp.int32))
-  (x0, frames), _ = jax.lax.scan(body, (z_T.astype(jnp.float32), frames), xs)
-  return x0, frames
+  carry, _ = jax.lax.scan(body, carry, xs)
+  return carry
 
 
 def _ddpm_step_fn(schedule: Schedule) -> StepFn:
@@ -165,20 +169,28 @@ def _check_eta(eta: float) -> None:
     raise ValueError(f"eta must be in [0, 1], got {eta}")
 
 
-def _ddpm(apply_fn: ApplyFn, params: Any, schedule: Schedule, z_T: jax.Array,
-          noise_fn: NoiseFn, snapshot_times: Sequence[int]) -> tuple[jax.Array, jax.Array]:
-  steps = np.arange(schedule.num_steps - 1, -1, -1, dtype=np.int32)
-  slots = _frame_slots(steps, snapshot_times, schedule.num_steps)
-  return _reverse_scan(apply_fn, params, z_T, steps, slots, _ddpm_step_fn(schedule), noise_fn)
+def _plan(schedule: Schedule, sampler: str, num_steps: int, eta: jax.Array,
+          snapshot_times: Sequence[int], clip_x0: tuple[float, float] | None
+          ) -> tuple[np.ndarray, np.ndarray, StepFn]:
+  """``(steps, slots, step_fn)`` of a sampler: its descending steps, frame slots and update."""
+  if sampler == "ddpm":
+    steps = np.arange(schedule.num_steps - 1, -1, -1, dtype=np.int32)
+    step_fn = _ddpm_step_fn(schedule)
+  else:
+    steps = ddim_timesteps(schedule.num_steps, num_steps)
+    step_fn = _ddim_step_fn(schedule, steps, jnp.asarray(eta, jnp.float32), clip_x0)
+  return steps, _frame_slots(steps, snapshot_times, schedule.num_steps), step_fn
 
 
-def _ddim(apply_fn: ApplyFn, params: Any, schedule: Schedule, z_T: jax.Array,
-          noise_fn: NoiseFn, num_steps: int, eta: jax.Array, snapshot_times: Sequence[int],
-          clip_x0: tuple[float, float] | None) -> tuple[jax.Array, jax.Array]:
-  steps = ddim_timesteps(schedule.num_steps, num_steps)
-  slots = _frame_slots(steps, snapshot_times, schedule.num_steps)
-  step_fn = _ddim_step_fn(schedule, steps, jnp.asarray(eta, jnp.float32), clip_x0)
-  return _reverse_scan(apply_fn, params, z_T, steps, slots, step_fn, noise_fn)
+def _run(apply_fn: ApplyFn, params: Any, schedule: Schedule, carry: Carry, noise_fn: NoiseFn,
+         sampler: str, num_steps: int, eta: jax.Array, snapshot_times: Sequence[int],
+         clip_x0: tuple[float, float] | None, start: int | jax.Array = 0,
+         length: int | None = None) -> Carry:
+  """The sampler's updates ``start .. start + length - 1`` (all of them by default)."""
+  steps, slots, step_fn = _plan(schedule, sampler, num_steps, eta, snapshot_times, clip_x0)
+  i = start + jnp.arange(len(steps) if length is None else length, dtype=jnp.int32)
+  return _reverse_scan(apply_fn, params, carry, (i, jnp.asarray(steps)[i]), slots, step_fn,
+                       noise_fn)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "snapshot_times"))
@@ -191,7 +203,9 @@ def ddpm_sample_from(apply_fn: ApplyFn, params: Any, schedule: Schedule, z_T: ja
   unused), as in ``reference_torch.sample``. ``frames`` is ``[F, B, H, W, C]``: z after the
   mean update at each snapshot time in :func:`frame_times` order.
   """
-  return _ddpm(apply_fn, params, schedule, z_T, lambda i, t: noise[t], snapshot_times)
+  carry = _initial_carry(z_T, len(frame_times(snapshot_times)))
+  return _run(apply_fn, params, schedule, carry, lambda i, t: noise[t], "ddpm",
+              schedule.num_steps, jnp.float32(0), snapshot_times, None)
 
 
 @functools.partial(jax.jit,
@@ -206,8 +220,9 @@ def ddim_sample_from(apply_fn: ApplyFn, params: Any, schedule: Schedule, z_T: ja
   ``frames[f]`` is z before the noise after the update at the subsequence step nearest
   frame time f (two frame times may share a step when K is small).
   """
-  return _ddim(apply_fn, params, schedule, z_T, lambda i, t: noise[i], num_steps, eta,
-               snapshot_times, clip_x0)
+  carry = _initial_carry(z_T, len(frame_times(snapshot_times)))
+  return _run(apply_fn, params, schedule, carry, lambda i, t: noise[i], "ddim", num_steps,
+              eta, snapshot_times, clip_x0)
 
 
 def example_keys(rng: jax.Array, first_index: int, count: int) -> jax.Array:
@@ -229,19 +244,39 @@ def _initial_and_noise(keys: jax.Array, image_shape: tuple[int, ...]
   return z_T, noise_fn
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "image_shape", "snapshot_times"))
-def _ddpm_from_keys(apply_fn, params, schedule, keys, image_shape, snapshot_times):
-  z_T, noise_fn = _initial_and_noise(keys, image_shape)
-  return _ddpm(apply_fn, params, schedule, z_T, noise_fn, snapshot_times)
+_STATIC = ("apply_fn", "image_shape", "sampler", "num_steps", "snapshot_times", "clip_x0")
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "image_shape", "num_steps",
-                                             "snapshot_times", "clip_x0"))
-def _ddim_from_keys(apply_fn, params, schedule, keys, image_shape, num_steps, eta,
-                    snapshot_times, clip_x0):
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _from_keys(apply_fn, params, schedule, keys, eta, image_shape, sampler, num_steps,
+               snapshot_times, clip_x0):
+  """A whole batch in one program: ``z_T`` and every update from the examples' keys."""
   z_T, noise_fn = _initial_and_noise(keys, image_shape)
-  return _ddim(apply_fn, params, schedule, z_T, noise_fn, num_steps, eta, snapshot_times,
-               clip_x0)
+  return _run(apply_fn, params, schedule, _initial_carry(z_T, len(snapshot_times)), noise_fn,
+              sampler, num_steps, eta, snapshot_times, clip_x0)
+
+
+@functools.partial(jax.jit, static_argnames=("image_shape", "num_frames"))
+def _begin(keys, image_shape, num_frames):
+  return _initial_carry(_initial_and_noise(keys, image_shape)[0], num_frames)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("length",))
+def _advance(apply_fn, params, schedule, keys, eta, carry, start, image_shape, sampler,
+             num_steps, snapshot_times, clip_x0, length):
+  """``length`` updates from update ``start``: one chunk of :func:`_from_keys`'s scan."""
+  noise_fn = _initial_and_noise(keys, image_shape)[1]
+  return _run(apply_fn, params, schedule, carry, noise_fn, sampler, num_steps, eta,
+              snapshot_times, clip_x0, start, length)
+
+
+def chunk_length(num_updates: int, max_chunks: int = 20) -> int:
+  """The smallest divisor of ``num_updates`` that cuts it into at most ``max_chunks`` chunks.
+
+  Equal chunks compile once. A prime count over ``max_chunks`` is one chunk.
+  """
+  return next(d for d in range(-(-num_updates // max_chunks), num_updates + 1)
+              if num_updates % d == 0)
 
 
 def _place(keys: jax.Array, params: Any) -> tuple[jax.Array, Any]:
@@ -259,33 +294,60 @@ def _place(keys: jax.Array, params: Any) -> tuple[jax.Array, Any]:
           jax.device_put(params, NamedSharding(mesh, P())))
 
 
+def _sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, rng: jax.Array,
+            shape: Sequence[int], sampler: str, num_steps: int, eta: float,
+            snapshot_times: Sequence[int], first_index: int,
+            clip_x0: tuple[float, float] | None, progress: Callable[[int], Any] | None
+            ) -> tuple[jax.Array, jax.Array]:
+  keys, params = _place(example_keys(rng, first_index, shape[0]), params)
+  static = dict(apply_fn=apply_fn, image_shape=tuple(shape[1:]), sampler=sampler,
+                num_steps=num_steps, snapshot_times=frame_times(snapshot_times),
+                clip_x0=None if clip_x0 is None else tuple(map(float, clip_x0)))
+  eta = jnp.float32(eta)
+  if progress is None:
+    return _from_keys(params=params, schedule=schedule, keys=keys, eta=eta, **static)
+  length = chunk_length(num_steps)
+  carry = _begin(keys, static["image_shape"], len(static["snapshot_times"]))
+  for start in range(0, num_steps, length):
+    carry = jax.block_until_ready(_advance(params=params, schedule=schedule, keys=keys,
+                                           eta=eta, carry=carry, start=jnp.int32(start),
+                                           length=length, **static))
+    progress(length)
+  return carry
+
+
 def ddpm_sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, rng: jax.Array,
                 shape: Sequence[int], snapshot_times: Sequence[int] = REVERSE_TIMES,
-                first_index: int = 0) -> tuple[jax.Array, jax.Array]:
+                first_index: int = 0, progress: Callable[[int], Any] | None = None
+                ) -> tuple[jax.Array, jax.Array]:
   """The original's ancestral sampler for a batch ``shape = (B, H, W, C)``: ``(x_0, frames)``.
 
   Examples are numbered from ``first_index`` (see the module docstring for the keys).
   ``frames`` is ``[F, B, H, W, C]``, z after the mean update at each snapshot time from the
   largest down; with the default times, the original's 10-frame strip.
+
+  ``progress``, when given, is called with the number of updates just done after each of up
+  to 20 equal chunks of the scan (:func:`chunk_length`), each a jitted call waited for; the
+  results are the same as in one call. Without it the batch is one jitted call.
   """
-  keys, params = _place(example_keys(rng, first_index, shape[0]), params)
-  return _ddpm_from_keys(apply_fn, params, schedule, keys, tuple(shape[1:]),
-                         frame_times(snapshot_times))
+  return _sample(apply_fn, params, schedule, rng, shape, "ddpm", schedule.num_steps, 0.0,
+                 snapshot_times, first_index, None, progress)
 
 
 def ddim_sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, rng: jax.Array,
                 shape: Sequence[int], num_steps: int, eta: float = 0.0,
                 snapshot_times: Sequence[int] = REVERSE_TIMES,
-                first_index: int = 0, clip_x0: tuple[float, float] | None = None
+                first_index: int = 0, clip_x0: tuple[float, float] | None = None,
+                progress: Callable[[int], Any] | None = None
                 ) -> tuple[jax.Array, jax.Array]:
   """DDIM over :func:`ddim_timesteps` for a batch ``shape``: ``(x_0, frames)``.
 
   ``eta = 0`` is deterministic given ``z_T``; ``eta = 1`` adds DDPM's posterior-variance
   noise. Each frame is taken at the subsequence step nearest its snapshot time.
   ``clip_x0 = (lo, hi)`` clips each predicted x0 to the data range (off by default).
+  ``progress`` is as in :func:`ddpm_sample`.
   """
   _check_eta(eta)
-  keys, params = _place(example_keys(rng, first_index, shape[0]), params)
-  return _ddim_from_keys(apply_fn, params, schedule, keys, tuple(shape[1:]), num_steps,
-                         eta, frame_times(snapshot_times),
-                         None if clip_x0 is None else tuple(map(float, clip_x0)))
+  ddim_timesteps(schedule.num_steps, num_steps)
+  return _sample(apply_fn, params, schedule, rng, shape, "ddim", num_steps, eta,
+                 snapshot_times, first_index, clip_x0, progress)

@@ -154,6 +154,9 @@ def test_workdir_round_trip(tmp_path):
               "--reverse_strip", out / "strip.png")
   assert proc.returncode == 0, proc.stderr
   assert "ddpm, 50 steps" in proc.stdout
+  # The bar counts the updates, in chunks of 5 (at most 20 chunks of equal length).
+  assert "ddpm-50, 1 x 2 images" in proc.stderr and " 50/50 " in proc.stderr, proc.stderr
+  assert " 5/50 " in proc.stderr and " 4/50 " not in proc.stderr, proc.stderr
   assert "WARNING" not in proc.stderr, proc.stderr  # Orbax's read-only notice is dropped.
   with np.load(out / "samples.npz") as npz:
     assert npz["images"].shape == (2, 32, 32, 1) and npz["images"].dtype == np.float32

@@ -228,6 +228,34 @@ def test_same_seed_same_images_and_batches_do_not_matter():
   np.testing.assert_allclose(np.concatenate(halves), x0, rtol=1e-6, atol=1e-6)
 
 
+def test_chunk_length():
+  assert [sampling.chunk_length(n) for n in (1000, 250, 50, 21, 20, 10, 1)] == \
+      [50, 25, 5, 3, 1, 1, 1]
+  assert sampling.chunk_length(997) == 997  # A prime: one chunk.
+  assert sampling.chunk_length(120, max_chunks=7) == 20
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_progress_runs_the_same_scan_in_chunks(sampler):
+  """With ``progress`` the batch runs as equal chunks, reports each, and gives the same bits."""
+  schedule = linear_schedule(100)
+  if sampler == "ddpm":
+    run = lambda **kw: sampling.ddpm_sample(_wave_eps_jax, {}, schedule, jax.random.key(3),
+                                            (3, 32, 32, 1), (0, 7, 50, 99), **kw)
+  else:
+    run = lambda **kw: sampling.ddim_sample(_wave_eps_jax, {}, schedule, jax.random.key(3),
+                                            (3, 32, 32, 1), 30, 0.5, (0, 7, 50, 99),
+                                            clip_x0=(0.0, 1.0), **kw)
+  x, frames = run()
+  reports = []
+  x_chunked, frames_chunked = run(progress=reports.append)
+  assert reports == ([5] * 20 if sampler == "ddpm" else [2] * 15)
+  np.testing.assert_array_equal(x_chunked, x)
+  np.testing.assert_array_equal(frames_chunked, frames)
+  assert frames.shape == (4, 3, 32, 32, 1)
+  assert np.abs(frames).reshape(4, -1).max(axis=1).min() > 0  # Every frame was written.
+
+
 _SHARDED_SCRIPT = """
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
@@ -239,7 +267,11 @@ out = {"devices": jax.local_device_count()}
 for batch in (4, 3):
   x, frames = sampling.ddim_sample(_wave_eps_jax, {}, linear_schedule(), jax.random.key(5),
                                    (batch, 32, 32, 1), 20, 1.0)
-  out[batch] = {"devices": len(x.sharding.device_set), "x": np.asarray(x).tolist()}
+  chunked, _ = sampling.ddim_sample(_wave_eps_jax, {}, linear_schedule(), jax.random.key(5),
+                                    (batch, 32, 32, 1), 20, 1.0, progress=lambda n: None)
+  out[batch] = {"devices": len(x.sharding.device_set), "x": np.asarray(x).tolist(),
+                "chunked_devices": len(chunked.sharding.device_set),
+                "chunked_equal": bool(np.array_equal(x, chunked))}
 json.dump(out, sys.stdout)
 """
 
@@ -255,6 +287,9 @@ def test_batch_is_sharded_over_local_devices():
   assert out["devices"] == 2
   assert out["4"]["devices"] == 2  # Sharded over both.
   assert out["3"]["devices"] == 1  # 2 does not divide 3: one device.
+  for batch in ("4", "3"):  # Run in chunks, the same placement and the same bits.
+    assert out[batch]["chunked_devices"] == out[batch]["devices"]
+    assert out[batch]["chunked_equal"]
   x, _ = sampling.ddim_sample(_wave_eps_jax, {}, SCHEDULE, jax.random.key(5), (4, 32, 32, 1),
                               20, 1.0)
   np.testing.assert_allclose(out["4"]["x"], x, rtol=1e-6, atol=1e-6)
