@@ -11,8 +11,9 @@ CPU), with the same architecture, batch and float32 weights on both sides:
   and the same step with the model under ``torch.compile``;
 * sampling img/s: the batched DDPM and DDIM scans of ``ddpm_jax.sampling`` against the
   original's one-image-at-a-time loop (``reference_torch.sample``);
-* memory, FLOPs per image (XLA's cost analysis and an analytic count), MFU on a GPU, and
-  a forward / backward / optimizer+EMA breakdown of the float32 step;
+* memory, FLOPs per image (XLA's cost analysis and an analytic count), MFU on a GPU,
+  a forward / backward / optimizer+EMA breakdown of the float32 step, and that step's op
+  time by phase and UNet layer in a jax.profiler trace (``ddpm_jax.profiling``);
 * parity: the same weights in both frameworks, and how far JAX's output, loss and
   gradients are from the original's on this device, at the timed precision (JAX's
   default; TF32 on a recent GPU), at full float32 and per JAX compute dtype.
@@ -47,6 +48,7 @@ import platform
 import resource
 import shlex
 import statistics
+import tempfile
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -58,7 +60,7 @@ from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from ddpm_jax import convert, diffusion, files, sampling, train
+from ddpm_jax import convert, diffusion, files, profiling, sampling, train
 from ddpm_jax.config_checks import check_overrides_given_once, validate_config
 from ddpm_jax.config_defaults import base_config
 from ddpm_jax.errors import UserError, run_cli
@@ -98,6 +100,9 @@ ENV_VARS = ("CUDA_VISIBLE_DEVICES", "XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE"
 PARTS = ("train", "sample", "parity")
 # Images in the parity check: the numbers, not the speed, so a small batch.
 PARITY_BATCH = 8
+
+# Calls of the train step that --profile traces.
+PROFILE_STEPS = 3
 
 # --quick: CI-sized settings, applied to the flags not given on the command line.
 QUICK = dict(batch_sizes=["8"], reps=2, warmup=1, min_rep_s=0.0, sample_timed_steps=4,
@@ -141,6 +146,11 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_bool("breakdown", True, "Time forward, backward and optimizer+EMA of the "
                     "float32 step separately, for both frameworks (first batch size).",
                     flag_values=fv)
+  flags.DEFINE_bool("profile", True, f"Trace {PROFILE_STEPS} calls of the float32 JAX step "
+                    "(first batch size) with jax.profiler and report its op time by phase "
+                    "and UNet layer.", flag_values=fv)
+  flags.DEFINE_string("profile_dir", None, "Keep that trace here, for Perfetto or "
+                      "TensorBoard (default: a temporary folder, deleted).", flag_values=fv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +167,8 @@ class Settings:
   sample_reps: int
   torch_compile: bool
   breakdown: bool
+  profile: bool
+  profile_dir: str | None
   parts: tuple[str, ...]
   quick: bool
 
@@ -166,7 +178,7 @@ def settings_from_flags(fv: flags.FlagValues) -> Settings:
   values = {name: fv[name].value for name in (
       "batch_sizes", "dtypes", "reps", "warmup", "min_rep_s", "ddim_steps",
       "sample_timed_steps", "reference_timed_steps", "sample_reps", "torch_compile",
-      "breakdown", "parts")}
+      "breakdown", "profile", "profile_dir", "parts")}
   if fv.quick:
     values.update({k: v for k, v in QUICK.items() if not fv[k].present})
   try:
@@ -185,6 +197,9 @@ def settings_from_flags(fv: flags.FlagValues) -> Settings:
   for name in ("reps", "ddim_steps", "sample_reps"):
     if values[name] < 1:
       raise UserError(f"--{name} must be >= 1, got {values[name]}")
+  if values["profile_dir"] and os.path.exists(values["profile_dir"]) and \
+      not os.path.isdir(values["profile_dir"]):
+    raise UserError(f"--profile_dir {values['profile_dir']} is a file; give a folder")
   if values["warmup"] < 0 or values["min_rep_s"] < 0:
     raise UserError("--warmup and --min_rep_s must be >= 0")
   # A timed schedule needs two steps at least.
@@ -389,9 +404,10 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 def jax_train(config: ml_collections.ConfigDict, dtype: str, batch: int,
               initial: train.TrainState, devices: Devices, settings: Settings,
-              breakdown: bool) -> dict:
+              breakdown: bool, profile: bool = False) -> dict:
   """The jitted train step's row, from a copy of ``initial`` (the step donates its state);
-  with ``breakdown``, also its forward and optimizer+EMA alone."""
+  with ``breakdown``, also its forward and optimizer+EMA alone; with ``profile``, its op
+  time in a profiler trace (:mod:`ddpm_jax.profiling`)."""
   config = with_settings(config, batch, dtype)
   mesh = devices.mesh
   state = jax.tree.map(lambda a: a.copy(), initial)
@@ -416,6 +432,12 @@ def jax_train(config: ml_collections.ConfigDict, dtype: str, batch: int,
              memory=dict(xla_bytes=xla_memory(compiled),
                          device_peak_bytes=jax_device_peak(devices.jax_device),
                          **host_memory()))
+  if profile:  # Before the breakdown, whose optimizer update donates the state.
+    with contextlib.ExitStack() as stack:
+      logdir = settings.profile_dir or stack.enter_context(tempfile.TemporaryDirectory())
+      row["profile"] = dict(profiling.profile_calls(run, PROFILE_STEPS, logdir,
+                                                    compiled.as_text()),
+                            trace_dir=settings.profile_dir)
   if breakdown:
     row["breakdown"] = jax_breakdown(config, state, x, timing.median, settings)
   return row
@@ -848,9 +870,9 @@ def run_bench(config: ml_collections.ConfigDict, settings: Settings, command: st
                if {"train", "sample"} & set(settings.parts) else None)
     for i, batch in enumerate(settings.batch_sizes if "train" in settings.parts else ()):
       for dtype in settings.dtypes:
-        breakdown = settings.breakdown and i == 0 and dtype == "float32"
+        first = i == 0 and dtype == "float32"
         train_rows.append(jax_train(config, dtype, batch, initial, devices, settings,
-                                    breakdown))
+                                    settings.breakdown and first, settings.profile and first))
         log(f"train JAX {dtype} batch {batch}: {train_rows[-1]['img_per_s']:.1f} img/s")
       train_rows.append(torch_train(config, batch, devices, settings, compiled=False,
                                     breakdown=settings.breakdown and i == 0))
@@ -1021,6 +1043,12 @@ def report(doc: dict) -> str:
               f"| optimizer + EMA | {j['optimizer_ema_ms']:.1f} | "
               f"{t['optimizer_ms']:.1f} + {t['ema_ms']:.1f} |",
               f"| whole step | {j['step_ms']:.1f} | {t['step_ms']:.1f} |"]
+  profiled = next((r for r in doc["train"] if r.get("profile")), None)
+  if profiled:
+    lines += ["", f"JAX's {profiled['dtype']} step at batch {profiled['batch']} in a "
+              "jax.profiler trace (ms of op time per step by phase, UNet module and op; "
+              "on a CPU, ops on several threads each count):",
+              profiling.format_summary(profiled["profile"])]
   lines += ["", "Targets of the performance issue (GPU, configs/mnist.py)" + (
       ":" if doc["targets_applicable"] else
       " — not applicable to this run (not a GPU, or not the original UNET):")]

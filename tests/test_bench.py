@@ -55,7 +55,7 @@ def test_metadata_and_table(quick):
                                     for k, v in tiny.items()}
   for text in ("device: cpu", f"jax {doc['versions']['jax']}", f"torch {doc['versions']['torch']}",
                doc["command"], "QUICK", "| JAX jit | float32 | 8 |", "DDPM-1000", "DDIM-50",
-               "Where the step time goes"):
+               "Where the step time goes", "in a jax.profiler trace"):
     assert text in stdout, text
 
 
@@ -172,6 +172,17 @@ def test_breakdown_and_targets(quick):
   assert b["jax"]["step_ms"] == jax_row["step_ms"]
   assert b["jax"]["backward_ms"] == pytest.approx(
       b["jax"]["step_ms"] - b["jax"]["forward_ms"] - b["jax"]["optimizer_ema_ms"])
+  # The profiler trace of the same step: op time by phase, module and op, per step.
+  profile = jax_row["profile"]
+  assert profile["steps"] == 3 and profile["trace_dir"] is None
+  phases = profile["phases"]
+  assert set(phases) == {"forward", "backward", "optimizer, EMA, rest"}
+  assert sum(p["ms"] for p in phases.values()) == pytest.approx(profile["op_ms_per_step"])
+  assert phases["backward"]["ms"] > phases["optimizer, EMA, rest"]["ms"]
+  modules = {(m["phase"], m["module"]) for m in profile["modules"]}
+  assert ("backward", "Layer6/attention_layer") in modules  # The costliest on this CPU.
+  assert all(m["module"] != "(no metadata)" for m in profile["modules"])
+  assert 0 < profile["ops"][0]["share"] < 0.5
   # The targets are for the original UNET at batch 64/256 on a GPU: listed only.
   assert not doc["targets_applicable"] and len(doc["targets"]) == 5
   assert all(t["measured"] is None and t["met"] is None for t in doc["targets"])
@@ -184,6 +195,7 @@ def test_user_errors_are_one_line(tmp_path):
                ["--config", TINY, "--json", tmp_path / "out.json", "--sample_timed_steps", "1"],
                ["--config", TINY, "--json", tmp_path / "out.json", "--ddim_steps", "2000"],
                ["--config", TINY, "--json", tmp_path / "out.json", "--parts", "train,eval"],
+               ["--config", TINY, "--json", tmp_path / "out.json", "--profile_dir", __file__],
                ["--json", tmp_path / "out.json"]):
     proc = _bench(*args, timeout=120)
     assert proc.returncode == 2, (args, proc.stderr)
@@ -283,6 +295,10 @@ def test_gpu_bench_script_leaves_its_files_when_a_part_runs_out_of_time(tmp_path
   assert [(r["dtype"], r["precision"]) for r in merged["parity"]] == [
       ("float32", "default"), ("float32", "highest")]
   assert [r["framework"] for r in merged["train"]] == ["jax", "torch", "torch"] * 2
+  # The profile: the batch-64 part's JAX row only, and in the merged report.
+  assert ["profile" in r for r in merged["train"]] == [True] + [False] * 5
+  assert "JAX's float32 step at batch 4 in a jax.profiler trace" in \
+      proc.stdout.split("== loop: exit")[-1]
   # The loop part: python -m ddpm_jax.train for 8 steps, a metrics line a step.
   records = [json.loads(line) for line in (out / "loop_metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == list(range(1, 9))

@@ -1,0 +1,189 @@
+"""Where a jitted step's time goes: a JAX profiler trace read back per phase and UNet layer.
+
+:func:`profile_calls` runs a compiled function a few times under ``jax.profiler.trace``
+and sums the trace's XLA op events by what each op computes: the forward pass, the
+backward pass (ops whose JAX name is under ``transpose(jvp(...))``) or the rest (Adam, the
+EMA, the finite check), and the UNet module it belongs to (``Layer6/attention_layer``). An
+op's module comes from the ``op_name`` metadata that JAX attaches to every HLO instruction
+(see :func:`hlo_op_names` for ops without it), read from the compiled program's text.
+
+Op events are the device's on a GPU (the ``XLA Ops`` line of each ``/device:`` process, or
+its streams, keyed by ``hlo_op``) and the XLA CPU client's threads on a CPU, where ops
+that run concurrently on several threads each count their own time, so the per-step total
+can exceed the step's wall time. The CPU reading is tested; the GPU one follows the trace
+format's documented layout and is untested here.
+
+The trace itself (``*.trace.json.gz``, ``*.xplane.pb``) stays in ``logdir`` for Perfetto
+or TensorBoard.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import pathlib
+import re
+from typing import Any, Callable, Iterable
+
+import jax
+
+# Host-side bookkeeping on the XLA CPU threads, not ops of the program.
+_NOT_OPS = ("ThunkExecutor", "ThreadpoolListener", "SlinkyThreadPool", "end: ")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$")
+_OP_NAME = re.compile(r'metadata=\{[^}]*?op_name="([^"]*)"')
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_OPERAND = re.compile(r"%([\w.\-]+)")
+_COMPUTATION = re.compile(r"^%?([\w.\-]+) .*\{\s*$")
+_WRAPPER = re.compile(r"^[\w]+\((.*)\)$")
+
+FORWARD, BACKWARD, REST = "forward", "backward", "optimizer, EMA, rest"
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+  """Each HLO instruction's JAX ``op_name``.
+
+  An instruction without one (XLA drops it from some rewritten ops) takes its fused
+  computation's root's, else its operands' (a backward one first: a weight gradient's
+  operands are a forward activation and a backward gradient). HLO text defines every
+  name before its use, so one pass in order resolves chains of such instructions.
+  """
+  names: dict[str, str] = {}
+  roots: dict[str, str] = {}
+  computation = None
+  for line in hlo_text.splitlines():
+    match = _COMPUTATION.match(line)
+    if match and " = " not in line:
+      computation = match.group(1)
+      continue
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, rest = match.groups()
+    found = _OP_NAME.search(rest)
+    called = _CALLS.search(rest)
+    if found:
+      names[name] = found.group(1)
+    elif called and called.group(1) in roots:
+      names[name] = roots[called.group(1)]
+    else:
+      operands = [names[o] for o in _OPERAND.findall(rest.split("), ")[0]) if o in names]
+      backward = [o for o in operands if "transpose(" in o]
+      if backward or operands:
+        names[name] = (backward or operands)[0]
+    if line.lstrip().startswith("ROOT") and computation is not None and name in names:
+      roots[computation] = names[name]
+  return names
+
+
+def _unwrap(component: str) -> str:
+  """``transpose(jvp(UNet))`` -> ``UNet``."""
+  while (match := _WRAPPER.match(component)):
+    component = match.group(1)
+  return component
+
+
+def phase_and_module(op_name: str, root: str = "UNet") -> tuple[str, str]:
+  """``(phase, module)`` of a JAX ``op_name`` such as
+  ``jit(train_step)/transpose(jvp(UNet))/Layer6/attention_layer/vmap()/reduce_sum``.
+
+  The module is the path under ``root`` without the final primitive, at most two deep
+  (``root`` itself for a primitive directly under it); outside ``root``, the first
+  component below the jitted function, unwrapped.
+  """
+  parts = op_name.split("/")[1:] if op_name.startswith("jit(") else op_name.split("/")
+  head = parts[0] if parts else ""
+  phase = BACKWARD if "transpose(" in head else FORWARD if "jvp(" in head else REST
+  names = [_unwrap(p) for p in parts]
+  if root in names:
+    below = names[names.index(root) + 1:-1]
+    return phase, "/".join(below[:2]) or root
+  return phase, names[0] if names else "?"
+
+
+def read_trace_events(logdir: str | pathlib.Path) -> list[dict]:
+  """The newest ``*.trace.json.gz`` under ``logdir`` as a list of trace events."""
+  paths = sorted(pathlib.Path(logdir).glob("plugins/profile/*/*.trace.json.gz"),
+                 key=lambda p: p.stat().st_mtime)
+  if not paths:
+    raise FileNotFoundError(f"no *.trace.json.gz under {logdir}/plugins/profile")
+  with gzip.open(paths[-1], "rt") as f:
+    return json.load(f)["traceEvents"]
+
+
+def op_times(events: Iterable[dict]) -> dict[str, tuple[float, int]]:
+  """``{HLO op: (total microseconds, count)}`` over the trace's XLA op events."""
+  events = list(events)
+  processes, threads = {}, {}
+  for e in events:
+    if e.get("ph") == "M" and e.get("name") == "process_name":
+      processes[e["pid"]] = e["args"]["name"]
+    elif e.get("ph") == "M" and e.get("name") == "thread_name":
+      threads[(e["pid"], e["tid"])] = e["args"]["name"]
+  devices = {pid for pid, name in processes.items() if "/device:" in name}
+  if devices:
+    op_lines = {key for key, name in threads.items() if key[0] in devices and "XLA Ops" in name}
+    keep = op_lines or {key for key, name in threads.items()
+                        if key[0] in devices and name.startswith("Stream")}
+  else:
+    keep = {key for key, name in threads.items() if name.startswith("tf_XLA")}
+  totals: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+  for e in events:
+    if e.get("ph") != "X" or (e.get("pid"), e.get("tid")) not in keep:
+      continue
+    name = (e.get("args") or {}).get("hlo_op") or e["name"]
+    if name.startswith(_NOT_OPS):
+      continue
+    totals[name][0] += float(e.get("dur", 0.0))
+    totals[name][1] += 1
+  return {name: (us, count) for name, (us, count) in totals.items()}
+
+
+def summarize(times: dict[str, tuple[float, int]], names: dict[str, str], steps: int,
+              top: int = 12) -> dict:
+  """Per-step milliseconds by phase, by (phase, module) and for the costliest ops."""
+  by_phase: dict[str, float] = collections.Counter()
+  by_module: dict[tuple[str, str], float] = collections.Counter()
+  ops = []
+  for op, (us, count) in times.items():
+    op_name = names.get(op)
+    phase, module = phase_and_module(op_name) if op_name else (REST, "(no metadata)")
+    ms = us / 1e3 / steps
+    by_phase[phase] += ms
+    by_module[(phase, module)] += ms
+    ops.append(dict(op=op, op_name=op_name, phase=phase, module=module, ms=ms,
+                    calls_per_step=count / steps))
+  total = sum(by_phase.values())
+  share = lambda ms: ms / total if total else 0.0
+  modules = [dict(phase=p, module=m, ms=ms, share=share(ms))
+             for (p, m), ms in sorted(by_module.items(), key=lambda kv: -kv[1])]
+  ops.sort(key=lambda o: -o["ms"])
+  return dict(steps=steps, op_ms_per_step=total,
+              phases={p: dict(ms=ms, share=share(ms)) for p, ms in by_phase.items()},
+              modules=modules[:top], ops=[dict(o, share=share(o["ms"])) for o in ops[:top]])
+
+
+def profile_calls(run: Callable[[], Any], steps: int, logdir: str | pathlib.Path,
+                  hlo_text: str, top: int = 12) -> dict:
+  """Traces ``steps`` calls of ``run`` (waited for) into ``logdir`` and summarizes them."""
+  with jax.profiler.trace(str(logdir)):
+    for _ in range(steps):
+      jax.block_until_ready(run())
+  return summarize(op_times(read_trace_events(logdir)), hlo_op_names(hlo_text), steps, top)
+
+
+def format_summary(summary: dict) -> str:
+  """The summary as markdown tables: phases, then modules, then ops."""
+  lines = [f"op time per step {summary['op_ms_per_step']:.1f} ms over {summary['steps']} "
+           "traced steps", "", "| phase | ms | share |", "|---|---|---|"]
+  for phase in (FORWARD, BACKWARD, REST):
+    if phase in summary["phases"]:
+      p = summary["phases"][phase]
+      lines.append(f"| {phase} | {p['ms']:.1f} | {100 * p['share']:.1f} % |")
+  lines += ["", "| phase | module | ms | share |", "|---|---|---|---|"]
+  lines += [f"| {m['phase']} | {m['module']} | {m['ms']:.1f} | {100 * m['share']:.1f} % |"
+            for m in summary["modules"]]
+  lines += ["", "| op | phase | module | ms | share |", "|---|---|---|---|---|"]
+  lines += [f"| {o['op']} | {o['phase']} | {o['module']} | {o['ms']:.1f} | "
+            f"{100 * o['share']:.1f} % |" for o in summary["ops"]]
+  return "\n".join(lines)

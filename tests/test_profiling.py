@@ -1,0 +1,149 @@
+"""``ddpm_jax.profiling``: HLO metadata, trace events and their summary in closed form, and a
+real trace of a small jitted gradient step on the CPU."""
+
+import gzip
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from ddpm_jax import profiling
+
+HLO = """HloModule jit_train_step
+
+%fused_computation.9 (param_0: f32[4,8], param_1: f32[8,2]) -> f32[4,2] {
+  %param_0 = f32[4,8]{1,0} parameter(0)
+  %param_1 = f32[8,2]{1,0} parameter(1)
+  ROOT %convolution.62 = f32[4,2]{1,0} convolution(%param_0, %param_1), dim_labels=bf_io->bf
+}
+
+%fused_computation.10 (param_0.1: f32[4,2]) -> f32[4,2] {
+  %param_0.1 = f32[4,2]{1,0} parameter(0)
+  ROOT %add.1 = f32[4,2]{1,0} add(%param_0.1, %param_0.1), metadata={op_name="jit(train_step)/add" stack_frame_id=3}
+}
+
+ENTRY %main (p0: f32[4,8], p1: f32[8,2]) -> f32[4,2] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[8,2]{1,0} parameter(1)
+  %fwd = f32[4,8]{1,0} multiply(%p0, %p0), metadata={op_name="jit(train_step)/jvp(UNet)/Layer1/ResBlock1/Conv_0/mul" stack_frame_id=1}
+  %bwd = f32[8,2]{1,0} negate(%p1), metadata={op_name="jit(train_step)/transpose(jvp(UNet))/Layer1/ResBlock1/Conv_0/neg" stack_frame_id=2}
+  %ynn_fusion.9 = f32[4,2]{1,0} fusion(%fwd, %bwd), kind=kCustom, calls=%fused_computation.9
+  %copy.1 = f32[4,2]{1,0} copy(%ynn_fusion.9)
+  ROOT %loop_fusion = f32[4,2]{1,0} fusion(%copy.1), kind=kLoop, calls=%fused_computation.10
+}
+"""
+
+
+def test_hlo_op_names_from_metadata_roots_and_operands():
+  names = profiling.hlo_op_names(HLO)
+  assert names["fwd"] == "jit(train_step)/jvp(UNet)/Layer1/ResBlock1/Conv_0/mul"
+  # No metadata and a root without any: its operands', the backward one first.
+  assert names["ynn_fusion.9"] == names["bwd"]
+  assert names["copy.1"] == names["bwd"]  # Through a chain of such ops.
+  assert names["loop_fusion"] == "jit(train_step)/add"  # Its fused computation's root's.
+  assert "p0" not in names
+
+
+@pytest.mark.parametrize("op_name, expected", [
+    ("jit(train_step)/jvp(UNet)/Layer6/attention_layer/vmap()/reduce_sum",
+     (profiling.FORWARD, "Layer6/attention_layer")),
+    ("jit(train_step)/transpose(jvp(UNet))/Layer6/attention_layer/vmap()/reduce_sum",
+     (profiling.BACKWARD, "Layer6/attention_layer")),
+    ("jit(train_step)/transpose(jvp(UNet))/late_conv/conv_general_dilated",
+     (profiling.BACKWARD, "late_conv")),
+    ("jit(train_step)/jvp(UNet)/concatenate", (profiling.FORWARD, "UNet")),
+    ("jit(train_step)/jvp(jit(_normal))/mul", (profiling.FORWARD, "_normal")),
+    ("jit(train_step)/add", (profiling.REST, "add")),
+])
+def test_phase_and_module(op_name, expected):
+  assert profiling.phase_and_module(op_name) == expected
+
+
+def _meta(pid, tid=None, process=None, thread=None):
+  if process is not None:
+    return {"ph": "M", "pid": pid, "name": "process_name", "args": {"name": process}}
+  return {"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": thread}}
+
+
+def _event(pid, tid, name, dur, **args):
+  return {"ph": "X", "pid": pid, "tid": tid, "ts": 0, "dur": dur, "name": name,
+          **({"args": args} if args else {})}
+
+
+def test_op_times_on_a_cpu_trace():
+  """The XLA client threads' ops, without the executor's bookkeeping or Python."""
+  events = [_meta(1, process="/host:CPU"), _meta(1, 10, thread="python"),
+            _meta(1, 11, thread="tf_XLAPjRtCpuClient/1"), _meta(1, 12, thread="tf_XLAEigen/2"),
+            _event(1, 10, "PjitFunction(train_step)", 900.0),
+            _event(1, 11, "ThunkExecutor::Execute", 800.0),
+            _event(1, 11, "end: ynn_fusion.9", 1.0),
+            _event(1, 11, "ynn_fusion.9", 300.0), _event(1, 12, "ynn_fusion.9", 100.0),
+            _event(1, 11, "fwd", 50.0)]
+  assert profiling.op_times(events) == {"ynn_fusion.9": (400.0, 2), "fwd": (50.0, 1)}
+
+
+def test_op_times_on_a_gpu_trace():
+  """The device's ``XLA Ops`` line when there is one (its streams would count twice), keyed
+  by ``hlo_op``; else its streams."""
+  events = [_meta(1, process="/host:CPU"), _meta(1, 10, thread="tf_XLAPjRtClient"),
+            _meta(2, process="/device:GPU:0"), _meta(2, 20, thread="Stream #13(Compute)"),
+            _meta(2, 21, thread="XLA Ops"), _meta(2, 22, thread="XLA Modules"),
+            _event(1, 10, "host_op", 5.0), _event(2, 22, "jit_train_step", 500.0),
+            _event(2, 20, "sm90_xmma_fprop", 120.0, hlo_op="fwd"),
+            _event(2, 21, "fwd", 130.0, hlo_op="fwd"),
+            _event(2, 21, "loop_fusion", 20.0, hlo_op="loop_fusion")]
+  assert profiling.op_times(events) == {"fwd": (130.0, 1), "loop_fusion": (20.0, 1)}
+  streams_only = [e for e in events if e.get("tid") != 21]
+  assert profiling.op_times(streams_only) == {"fwd": (120.0, 1)}
+
+
+def test_summarize_per_step_by_phase_module_and_op():
+  names = profiling.hlo_op_names(HLO)
+  times = {"fwd": (3000.0, 3), "ynn_fusion.9": (6000.0, 3), "loop_fusion": (600.0, 3),
+           "unknown.1": (400.0, 2)}
+  s = profiling.summarize(times, names, steps=2)
+  assert s["steps"] == 2 and s["op_ms_per_step"] == pytest.approx(5.0)
+  assert s["phases"][profiling.FORWARD] == dict(ms=pytest.approx(1.5), share=pytest.approx(0.3))
+  assert s["phases"][profiling.BACKWARD]["ms"] == pytest.approx(3.0)
+  assert s["phases"][profiling.REST]["ms"] == pytest.approx(0.5)  # add + no metadata.
+  assert [(m["phase"], m["module"], m["ms"]) for m in s["modules"]] == [
+      (profiling.BACKWARD, "Layer1/ResBlock1", pytest.approx(3.0)),
+      (profiling.FORWARD, "Layer1/ResBlock1", pytest.approx(1.5)),
+      (profiling.REST, "add", pytest.approx(0.3)),
+      (profiling.REST, "(no metadata)", pytest.approx(0.2))]
+  assert s["ops"][0] == dict(op="ynn_fusion.9", op_name=names["bwd"], phase=profiling.BACKWARD,
+                             module="Layer1/ResBlock1", ms=pytest.approx(3.0),
+                             calls_per_step=1.5, share=pytest.approx(0.6))
+  table = profiling.format_summary(s)
+  assert "op time per step 5.0 ms over 2 traced steps" in table
+  assert "| backward | Layer1/ResBlock1 | 3.0 | 60.0 % |" in table
+
+
+def test_read_trace_events_takes_the_newest_and_says_when_there_is_none(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no \\*.trace.json.gz"):
+    profiling.read_trace_events(tmp_path)
+  for run, events in (("2026_01_01", [1]), ("2026_01_02", [2])):
+    (tmp_path / "plugins" / "profile" / run).mkdir(parents=True)
+    with gzip.open(tmp_path / "plugins" / "profile" / run / "h.trace.json.gz", "wt") as f:
+      json.dump({"traceEvents": events}, f)
+  assert profiling.read_trace_events(tmp_path) == [2]
+
+
+def test_a_real_trace_of_a_gradient_step(tmp_path):
+  """A jitted step with a forward and a backward under ``UNet``-named scopes on the CPU:
+  both phases are found and every op's time is counted once."""
+  def loss(w, x):
+    with jax.named_scope("UNet"), jax.named_scope("Layer1"), jax.named_scope("dense"):
+      return jnp.sum(jnp.tanh(x @ w) ** 2)
+
+  step = jax.jit(lambda w, x: w - 0.1 * jax.grad(loss)(w, x))
+  w, x = jnp.ones((256, 256)) / 256, jnp.ones((512, 256))
+  compiled = step.lower(w, x).compile()
+  compiled(w, x).block_until_ready()
+  s = profiling.profile_calls(lambda: compiled(w, x), 3, tmp_path, compiled.as_text())
+  assert s["steps"] == 3 and s["op_ms_per_step"] > 0
+  assert {profiling.FORWARD, profiling.BACKWARD} <= set(s["phases"])
+  assert sum(p["share"] for p in s["phases"].values()) == pytest.approx(1.0)
+  assert any(m["module"] == "Layer1/dense" for m in s["modules"])
+  assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))  # Kept for TensorBoard.
