@@ -174,6 +174,9 @@ def profile_calls(run: Callable[[], Any], steps: int, logdir: str | pathlib.Path
 
 def format_summary(summary: dict) -> str:
   """The summary as markdown tables: phases, then modules, then ops."""
+  if not summary["ops"]:
+    return ("no XLA op events found in the trace (a layout this reader does not know); "
+            "open the trace itself in Perfetto or TensorBoard")
   lines = [f"op time per step {summary['op_ms_per_step']:.1f} ms over {summary['steps']} "
            "traced steps", "", "| phase | ms | share |", "|---|---|---|"]
   for phase in (FORWARD, BACKWARD, REST):

@@ -435,9 +435,11 @@ def jax_train(config: ml_collections.ConfigDict, dtype: str, batch: int,
   if profile:  # Before the breakdown, whose optimizer update donates the state.
     with contextlib.ExitStack() as stack:
       logdir = settings.profile_dir or stack.enter_context(tempfile.TemporaryDirectory())
-      row["profile"] = dict(profiling.profile_calls(run, PROFILE_STEPS, logdir,
-                                                    compiled.as_text()),
-                            trace_dir=settings.profile_dir)
+      try:
+        summary = profiling.profile_calls(run, PROFILE_STEPS, logdir, compiled.as_text())
+      except (OSError, ValueError, KeyError, RuntimeError) as e:  # Keep the row's timings.
+        summary = dict(error=f"{type(e).__name__}: {e}")
+      row["profile"] = dict(summary, trace_dir=settings.profile_dir)
   if breakdown:
     row["breakdown"] = jax_breakdown(config, state, x, timing.median, settings)
   return row
@@ -1048,7 +1050,7 @@ def report(doc: dict) -> str:
     lines += ["", f"JAX's {profiled['dtype']} step at batch {profiled['batch']} in a "
               "jax.profiler trace (ms of op time per step by phase, UNet module and op; "
               "on a CPU, ops on several threads each count):",
-              profiling.format_summary(profiled["profile"])]
+              profiled["profile"].get("error") or profiling.format_summary(profiled["profile"])]
   lines += ["", "Targets of the performance issue (GPU, configs/mnist.py)" + (
       ":" if doc["targets_applicable"] else
       " — not applicable to this run (not a GPU, or not the original UNET):")]
