@@ -36,6 +36,7 @@ CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES = "samples"  # Sample grids written during training.
+PROFILE = "profile"  # The profiler trace of config.profile_steps steps, and its summary.
 UNREADABLE = "checkpoints_unreadable"  # Where training moves steps it cannot read.
 _TODELETE = "todelete"  # Inside CHECKPOINTS: old steps on their way out.
 _CHECKSUMS = "crc32"

@@ -109,6 +109,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   _require(1 <= config.sample_num_steps <= config.schedule.num_steps,
            f"sample_num_steps (DDIM steps) must be in 1..{config.schedule.num_steps}, "
            f"got {config.sample_num_steps}")
+  _require(config.profile_steps >= 0,
+           f"profile_steps must be >= 0 (0 = no profile), got {config.profile_steps}")
   _require(config.nan_policy in NAN_POLICIES,
            f"nan_policy must be one of {', '.join(NAN_POLICIES)}; got {config.nan_policy!r}")
 

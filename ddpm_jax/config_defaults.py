@@ -60,4 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.sample_every_steps = 0
   config.sample_num_images = 16
   config.sample_num_steps = 50  # DDIM steps, at most schedule.num_steps
+
+  # > 0: trace that many steps with jax.profiler once the run's first 5 are done, into
+  # DIR/profile/ (for Perfetto or TensorBoard), and print their op time by phase, UNet
+  # layer and op (also in DIR/profile/summary.json).
+  config.profile_steps = 0
   return config

@@ -172,6 +172,46 @@ def profile_calls(run: Callable[[], Any], steps: int, logdir: str | pathlib.Path
   return summarize(op_times(read_trace_events(logdir)), hlo_op_names(hlo_text), steps, top)
 
 
+class LoopProfile:
+  """Traces steps ``first + 1 .. first + count`` of a training loop into ``logdir``.
+
+  Call :meth:`before_step` with the number of steps done before each step and
+  :meth:`due` after it; :meth:`stop` ends the trace (also early, at the end of a shorter
+  run), summarizes it with the step program's HLO text and writes ``summary.json``.
+  """
+
+  def __init__(self, logdir: str | pathlib.Path, first: int, count: int):
+    self.logdir, self.first, self.count = pathlib.Path(logdir), first, count
+    self.active = False
+
+  def before_step(self, done: int) -> None:
+    if done == self.first and not self.active:
+      jax.profiler.start_trace(str(self.logdir))
+      self.active = True
+
+  def due(self, done: int) -> bool:
+    return self.active and done >= self.first + self.count
+
+  def stop(self, done: int, state: Any, hlo_text: Callable[[], str]) -> dict | None:
+    """Waits for ``state``, ends the trace and returns its summary (None if not tracing)."""
+    if not self.active:
+      return None
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    self.active = False
+    summary = summarize(op_times(read_trace_events(self.logdir)), hlo_op_names(hlo_text()),
+                        done - self.first)
+    summary = dict(summary, first_step=self.first + 1, last_step=done)
+    (self.logdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+  def abort(self) -> None:
+    """Ends a trace still running (the loop stopped with an error), keeping its files."""
+    if self.active:
+      self.active = False
+      jax.profiler.stop_trace()
+
+
 def format_summary(summary: dict) -> str:
   """The summary as markdown tables: phases, then modules, then ops."""
   if not summary["ops"]:

@@ -30,13 +30,17 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ddpm_jax import checkpoint, convert, data, diffusion, files, images, sampling
+from ddpm_jax import checkpoint, convert, data, diffusion, files, images, profiling, sampling
 from ddpm_jax.config_checks import (check_overrides_given_once, check_resume_compatible,
                                     flatten_config, validate_config)
 from ddpm_jax.errors import UserError, run_cli
 from ddpm_jax.model import build_unet
 from ddpm_jax.schedule import Schedule, linear_schedule
 from ddpm_jax.train_state import TrainState, apply_gradients, learning_rate_at, make_optimizer
+
+# Steps of a run (or of a resumed run) before config.profile_steps are traced: compilation
+# and the first steps' warm-up stay out of the profile.
+PROFILE_AFTER_STEPS = 5
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> Schedule:
@@ -398,6 +402,19 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                       f"step {step}); {kept}; lower learning_rate, set grad_clip_norm, or set "
                       "--config.nan_policy=skip to skip such steps")
 
+  # Process 0 traces config.profile_steps steps once compilation and warm-up are behind.
+  profile = (profiling.LoopProfile(workdir / checkpoint.PROFILE, start_step + PROFILE_AFTER_STEPS,
+                                   config.profile_steps)
+             if config.profile_steps and is_main else None)
+
+  def report_profile(step: int, batch: jax.Array) -> None:
+    start_time = time.perf_counter()
+    # The step's program, for the ops' names: a cache hit of the compilation that ran it.
+    summary = profile.stop(step, state, lambda: step_fn.lower(state, batch).compile().as_text())
+    metrics.exclude(time.perf_counter() - start_time)
+    bar.write(f"Step {step} | profile of steps {summary['first_step']}..{step} -> "
+              f"{profile.logdir}\n{profiling.format_summary(summary)}")
+
   bar = tqdm(total=total, initial=start_step, disable=not is_main, dynamic_ncols=True,
              unit="step", file=sys.stderr)
   step = start_step
@@ -412,10 +429,14 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
           batch = jax.device_put(local, batch_sharding)
         else:
           batch = jax.make_array_from_process_local_data(batch_sharding, local, global_shape)
+        if profile is not None:
+          profile.before_step(step)
         state, step_metrics = step_fn(state, batch)
         step += 1
         metrics.add(step, step_metrics)
         bar.update(1)
+        if profile is not None and profile.due(step):
+          report_profile(step, batch)
         end_of_epoch = step % batches.steps_per_epoch == 0
         if step % config.log_every_steps == 0 or step == total or end_of_epoch or \
             step % config.checkpoint_every_steps == 0:
@@ -433,6 +454,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         if step % config.checkpoint_every_steps == 0 and step < total:
           save(step)
         sample(step)
+      if profile is not None and profile.active:  # A run shorter than its profile.
+        report_profile(step, batch)
       losses, bad = metrics.flush()
       check_finite(step, bad)
       if losses:
@@ -441,6 +464,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         save(step)
       finish_save()
   finally:
+    if profile is not None:
+      profile.abort()
     bar.close()
   if stop.received is not None:
     print(f"Stopped by {stop.received} at step {step}; checkpoint saved in {workdir}. "

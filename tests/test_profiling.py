@@ -179,3 +179,32 @@ def test_the_bench_keeps_a_train_row_whose_profile_fails(monkeypatch):
   assert row["status"] == "ok" and row["step_ms"] > 0
   assert row["profile"] == dict(error="FileNotFoundError: no *.trace.json.gz under "
                                       "/x/plugins/profile", trace_dir=None)
+
+
+def test_loop_profile_traces_its_steps_and_stops_early_or_on_an_error(tmp_path):
+  f = jax.jit(lambda x: jnp.tanh(x @ x))
+  x = jnp.ones((64, 64))
+  hlo = f.lower(x).compile().as_text()
+  profile = profiling.LoopProfile(tmp_path / "a", first=2, count=3)
+  done, summary = 0, None
+  while done < 8 and summary is None:
+    profile.before_step(done)
+    x = f(x)
+    done += 1
+    assert profile.active == (3 <= done <= 5)
+    if profile.due(done):
+      summary = profile.stop(done, x, lambda: hlo)
+  assert done == 5 and not profile.active
+  assert (summary["first_step"], summary["last_step"], summary["steps"]) == (3, 5, 3)
+  assert json.loads((tmp_path / "a" / "summary.json").read_text()) == summary
+  assert profile.stop(done, x, lambda: hlo) is None  # Once only.
+  # A loop that ends (or fails) inside the window: stop() sums what ran, abort() just ends.
+  early = profiling.LoopProfile(tmp_path / "b", first=0, count=10)
+  early.before_step(0)
+  x = f(x)
+  assert early.stop(1, x, lambda: hlo)["steps"] == 1
+  failed = profiling.LoopProfile(tmp_path / "c", first=0, count=10)
+  failed.before_step(0)
+  failed.abort()
+  assert not failed.active and not (tmp_path / "c" / "summary.json").exists()
+  failed.abort()  # Nothing to end.

@@ -30,8 +30,16 @@ def _leaves(state):
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
 
 
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
-  straight = train_and_evaluate(micro_config(num_train_steps=6), str(tmp_path / "a"))
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, capsys):
+  # The uninterrupted run also profiles: from step 6 (after 5), 3 steps asked, 1 run.
+  straight = train_and_evaluate(micro_config(num_train_steps=6, profile_steps=3),
+                                str(tmp_path / "a"))
+  profile = json.loads((tmp_path / "a" / "profile" / "summary.json").read_text())
+  assert (profile["first_step"], profile["last_step"], profile["steps"]) == (6, 6, 1)
+  assert {"forward", "backward"} <= set(profile["phases"])
+  assert any(m["module"].startswith("Layer") for m in profile["modules"])
+  assert list((tmp_path / "a" / "profile").glob("plugins/profile/*/*.xplane.pb"))
+  assert "Step 6 | profile of steps 6..6 -> " in capsys.readouterr().out
   train_and_evaluate(micro_config(num_train_steps=3), str(tmp_path / "b"))
   resumed = train_and_evaluate(micro_config(num_train_steps=6), str(tmp_path / "b"))
   assert int(straight.step) == int(resumed.step) == 6
