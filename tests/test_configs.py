@@ -1,12 +1,14 @@
 """Every shipped config loads, passes validation, and builds the UNet it describes."""
 
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from ddpm_jax.config_checks import validate_config
+from ddpm_jax.errors import UserError
 from ddpm_jax.model import build_unet
 from tests.conftest import load_config_file
 
@@ -34,3 +36,14 @@ def test_mnist_config_is_the_original():
   assert (config.warmup_steps, config.grad_clip_norm, config.data.range) == (0, 0.0, "zero_one")
   assert (config.schedule.num_steps, config.schedule.beta_start, config.schedule.beta_end) == (
       1000, 1e-4, 0.02)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("profile_steps", -1, "profile_steps must be >= 0 (0 = no profile), got -1"),
+    ("sample_every_steps", -2, "sample_every_steps must be >= 0 (0 = no samples), got -2"),
+])
+def test_a_bad_value_is_refused_in_one_line(key, value, message):
+  config = load_config_file(pathlib.Path(__file__).parents[1] / "configs" / "mnist_tiny.py")
+  config[key] = value
+  with pytest.raises(UserError, match=re.escape(message)):
+    validate_config(config)
