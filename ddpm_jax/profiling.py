@@ -131,7 +131,8 @@ def op_times(events: Iterable[dict]) -> dict[str, tuple[float, int]]:
   for e in events:
     if e.get("ph") != "X" or (e.get("pid"), e.get("tid")) not in keep:
       continue
-    name = (e.get("args") or {}).get("hlo_op") or e["name"]
+    # Device op lines may name an event by its HLO text, "%fusion.3 = f32[...] fusion(...)".
+    name = ((e.get("args") or {}).get("hlo_op") or e["name"]).split(" = ")[0].lstrip("%")
     if name.startswith(_NOT_OPS):
       continue
     totals[name][0] += float(e.get("dur", 0.0))

@@ -87,14 +87,14 @@ def test_op_times_on_a_cpu_trace():
 
 def test_op_times_on_a_gpu_trace():
   """The device's ``XLA Ops`` line when there is one (its streams would count twice), keyed
-  by ``hlo_op``; else its streams."""
+  by ``hlo_op`` or by the event's HLO text's instruction name; else its streams."""
   events = [_meta(1, process="/host:CPU"), _meta(1, 10, thread="tf_XLAPjRtClient"),
             _meta(2, process="/device:GPU:0"), _meta(2, 20, thread="Stream #13(Compute)"),
             _meta(2, 21, thread="XLA Ops"), _meta(2, 22, thread="XLA Modules"),
             _event(1, 10, "host_op", 5.0), _event(2, 22, "jit_train_step", 500.0),
             _event(2, 20, "sm90_xmma_fprop", 120.0, hlo_op="fwd"),
             _event(2, 21, "fwd", 130.0, hlo_op="fwd"),
-            _event(2, 21, "loop_fusion", 20.0, hlo_op="loop_fusion")]
+            _event(2, 21, "%loop_fusion = f32[4,2]{1,0} fusion(%copy.1), kind=kLoop", 20.0)]
   assert profiling.op_times(events) == {"fwd": (130.0, 1), "loop_fusion": (20.0, 1)}
   streams_only = [e for e in events if e.get("tid") != 21]
   assert profiling.op_times(streams_only) == {"fwd": (120.0, 1)}
