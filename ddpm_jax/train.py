@@ -409,11 +409,16 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 
   def report_profile(step: int, batch: jax.Array) -> None:
     start_time = time.perf_counter()
-    # The step's program, for the ops' names: a cache hit of the compilation that ran it.
-    summary = profile.stop(step, state, lambda: step_fn.lower(state, batch).compile().as_text())
+    first = profile.first + 1
+    try:
+      # The step's program, for the ops' names: a cache hit of the compilation that ran it.
+      summary = profile.stop(step, state,
+                             lambda: step_fn.lower(state, batch).compile().as_text())
+      report = profiling.format_summary(summary)
+    except (OSError, ValueError, KeyError) as e:  # A trace it cannot read never stops a run.
+      report = f"its summary failed ({type(e).__name__}: {e}); the trace itself is there"
     metrics.exclude(time.perf_counter() - start_time)
-    bar.write(f"Step {step} | profile of steps {summary['first_step']}..{step} -> "
-              f"{profile.logdir}\n{profiling.format_summary(summary)}")
+    bar.write(f"Step {step} | profile of steps {first}..{step} -> {profile.logdir}\n{report}")
 
   bar = tqdm(total=total, initial=start_step, disable=not is_main, dynamic_ncols=True,
              unit="step", file=sys.stderr)

@@ -16,7 +16,7 @@ import pytest
 
 from PIL import Image
 
-from ddpm_jax import checkpoint, images, sampling
+from ddpm_jax import checkpoint, images, profiling, sampling
 from ddpm_jax.model import build_unet
 from ddpm_jax.schedule import linear_schedule
 from ddpm_jax.train import abstract_train_state, sample_grid_path, train_and_evaluate
@@ -55,10 +55,19 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, capsys):
   assert config.num_train_steps == 6
 
 
-def test_read_metrics_keeps_the_resumed_runs_line_for_a_step_logged_twice(tmp_path):
+def test_read_metrics_keeps_the_resumed_runs_line_for_a_step_logged_twice(tmp_path,
+                                                                         monkeypatch, capsys):
   """A run killed after step 3's checkpoint but after logging step 4 logs step 4 again."""
   straight = tmp_path / "straight"
-  train_and_evaluate(micro_config(num_train_steps=6, log_every_steps=1), str(straight))
+  # Its profile's summary fails (a trace it cannot read): said in a line, the run goes on.
+  def unreadable(logdir):
+    raise FileNotFoundError(f"no *.trace.json.gz under {logdir}/plugins/profile")
+  monkeypatch.setattr(profiling, "read_trace_events", unreadable)
+  train_and_evaluate(micro_config(num_train_steps=6, log_every_steps=1, profile_steps=1),
+                     str(straight))
+  out = capsys.readouterr().out
+  assert "Step 6 | profile of steps 6..6 -> " in out
+  assert "its summary failed (FileNotFoundError: no *.trace.json.gz under " in out
   killed = tmp_path / "killed"
   train_and_evaluate(micro_config(num_train_steps=4, log_every_steps=1,
                                   checkpoint_every_steps=3), str(killed))
