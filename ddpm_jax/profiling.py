@@ -8,10 +8,12 @@ op's module comes from the ``op_name`` metadata that JAX attaches to every HLO i
 (see :func:`hlo_op_names` for ops without it), read from the compiled program's text.
 
 Op events are the device's on a GPU (the ``XLA Ops`` line of each ``/device:`` process, or
-its streams, keyed by ``hlo_op``) and the XLA CPU client's threads on a CPU, where ops
-that run concurrently on several threads each count their own time, so the per-step total
-can exceed the step's wall time. The CPU reading is tested; the GPU one follows the trace
-format's documented layout and is untested here.
+its streams, keyed by ``hlo_op`` or named by their ``op_name`` path) and the XLA CPU
+client's threads on a CPU, where ops that run concurrently on several threads each count
+their own time, so the per-step total can exceed the step's wall time. The CPU reading is
+tested; the GPU one follows the trace format's documented layout and is untested here.
+Kernels that XLA runs from command buffers (CUDA graphs) may carry no HLO name; the
+summary then says how to profile without them.
 
 The trace itself (``*.trace.json.gz``, ``*.xplane.pb``) stays in ``logdir`` for Perfetto
 or TensorBoard.
@@ -38,6 +40,7 @@ _COMPUTATION = re.compile(r"^%?([\w.\-]+) .*\{\s*$")
 _WRAPPER = re.compile(r"^[\w]+\((.*)\)$")
 
 FORWARD, BACKWARD, REST = "forward", "backward", "optimizer, EMA, rest"
+NO_METADATA = "(no metadata)"
 
 
 def hlo_op_names(hlo_text: str) -> dict[str, str]:
@@ -112,7 +115,11 @@ def read_trace_events(logdir: str | pathlib.Path) -> list[dict]:
 
 
 def op_times(events: Iterable[dict]) -> dict[str, tuple[float, int]]:
-  """``{HLO op: (total microseconds, count)}`` over the trace's XLA op events."""
+  """``{op: (total microseconds, count)}`` over the trace's XLA op events.
+
+  An op is keyed by its HLO instruction name, or by its JAX ``op_name`` path
+  (``jit(train_step)/...``) where a device event carries that in ``args.name``.
+  """
   events = list(events)
   processes, threads = {}, {}
   for e in events:
@@ -131,8 +138,11 @@ def op_times(events: Iterable[dict]) -> dict[str, tuple[float, int]]:
   for e in events:
     if e.get("ph") != "X" or (e.get("pid"), e.get("tid")) not in keep:
       continue
-    # Device op lines may name an event by its HLO text, "%fusion.3 = f32[...] fusion(...)".
-    name = ((e.get("args") or {}).get("hlo_op") or e["name"]).split(" = ")[0].lstrip("%")
+    args = e.get("args") or {}
+    if str(args.get("name", "")).startswith("jit("):
+      name = args["name"]
+    else:  # Device op lines may name an event by its HLO text, "%fusion.3 = f32[] ...".
+      name = (args.get("hlo_op") or e["name"]).split(" = ")[0].lstrip("%")
     if name.startswith(_NOT_OPS):
       continue
     totals[name][0] += float(e.get("dur", 0.0))
@@ -147,8 +157,8 @@ def summarize(times: dict[str, tuple[float, int]], names: dict[str, str], steps:
   by_module: dict[tuple[str, str], float] = collections.Counter()
   ops = []
   for op, (us, count) in times.items():
-    op_name = names.get(op)
-    phase, module = phase_and_module(op_name) if op_name else (REST, "(no metadata)")
+    op_name = names.get(op) or (op if op.startswith("jit(") else None)
+    phase, module = phase_and_module(op_name) if op_name else (REST, NO_METADATA)
     ms = us / 1e3 / steps
     by_phase[phase] += ms
     by_module[(phase, module)] += ms
@@ -230,4 +240,9 @@ def format_summary(summary: dict) -> str:
   lines += ["", "| op | phase | module | ms | share |", "|---|---|---|---|---|"]
   lines += [f"| {o['op']} | {o['phase']} | {o['module']} | {o['ms']:.1f} | "
             f"{100 * o['share']:.1f} % |" for o in summary["ops"]]
+  unnamed = sum(m["share"] for m in summary["modules"] if m["module"] == NO_METADATA)
+  if unnamed > 0.5:
+    lines += ["", f"{100 * unnamed:.0f} % of the op time has no HLO name. On a GPU, kernels "
+              "run from XLA command buffers (CUDA graphs) lose theirs: profile again with "
+              "XLA_FLAGS=--xla_gpu_enable_command_buffer= (it changes the timing a little)."]
   return "\n".join(lines)

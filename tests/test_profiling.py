@@ -68,8 +68,8 @@ def _meta(pid, tid=None, process=None, thread=None):
   return {"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": thread}}
 
 
-def _event(pid, tid, name, dur, **args):
-  return {"ph": "X", "pid": pid, "tid": tid, "ts": 0, "dur": dur, "name": name,
+def _event(pid, tid, event_name, dur, **args):
+  return {"ph": "X", "pid": pid, "tid": tid, "ts": 0, "dur": dur, "name": event_name,
           **({"args": args} if args else {})}
 
 
@@ -98,6 +98,30 @@ def test_op_times_on_a_gpu_trace():
   assert profiling.op_times(events) == {"fwd": (130.0, 1), "loop_fusion": (20.0, 1)}
   streams_only = [e for e in events if e.get("tid") != 21]
   assert profiling.op_times(streams_only) == {"fwd": (120.0, 1)}
+
+
+def test_a_device_event_named_by_its_op_name_path_is_summed_under_it():
+  """Some GPU traces give a kernel its JAX scope in ``args.name`` rather than an HLO op."""
+  path = "jit(train_step)/transpose(jvp(UNet))/Layer3/ResBlock2/conv2/conv_general_dilated"
+  events = [_meta(2, process="/device:GPU:0"), _meta(2, 20, thread="Stream #13(Compute)"),
+            _event(2, 20, "sm90_xmma_dgrad", 300.0, name=path),
+            _event(2, 20, "sm90_xmma_wgrad", 100.0, name=path)]
+  times = profiling.op_times(events)
+  assert times == {path: (400.0, 2)}
+  s = profiling.summarize(times, {}, steps=1)
+  module = s["modules"][0]
+  assert (module["phase"], module["module"], module["share"]) == (
+      profiling.BACKWARD, "Layer3/ResBlock2", 1.0)
+  assert module["ms"] == pytest.approx(0.4)
+
+
+def test_mostly_unnamed_op_time_points_at_command_buffers():
+  s = profiling.summarize({"kernel_a": (900.0, 1), "fwd": (100.0, 1)},
+                          profiling.hlo_op_names(HLO), steps=1)
+  assert "90 % of the op time has no HLO name" in profiling.format_summary(s)
+  assert "--xla_gpu_enable_command_buffer=" in profiling.format_summary(s)
+  named = profiling.summarize({"fwd": (100.0, 1)}, profiling.hlo_op_names(HLO), steps=1)
+  assert "no HLO name" not in profiling.format_summary(named)
 
 
 def test_summarize_per_step_by_phase_module_and_op():
