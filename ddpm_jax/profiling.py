@@ -174,13 +174,19 @@ def summarize(times: dict[str, tuple[float, int]], names: dict[str, str], steps:
               modules=modules[:top], ops=[dict(o, share=share(o["ms"])) for o in ops[:top]])
 
 
+def summarize_trace(logdir: str | pathlib.Path, hlo_text: str, steps: int, top: int = 12
+                    ) -> dict:
+  """:func:`summarize` of the newest trace in ``logdir``, ops named from ``hlo_text``."""
+  return summarize(op_times(read_trace_events(logdir)), hlo_op_names(hlo_text), steps, top)
+
+
 def profile_calls(run: Callable[[], Any], steps: int, logdir: str | pathlib.Path,
                   hlo_text: str, top: int = 12) -> dict:
   """Traces ``steps`` calls of ``run`` (waited for) into ``logdir`` and summarizes them."""
   with jax.profiler.trace(str(logdir)):
     for _ in range(steps):
       jax.block_until_ready(run())
-  return summarize(op_times(read_trace_events(logdir)), hlo_op_names(hlo_text), steps, top)
+  return summarize_trace(logdir, hlo_text, steps, top)
 
 
 class LoopProfile:
@@ -210,9 +216,8 @@ class LoopProfile:
     jax.block_until_ready(state)
     jax.profiler.stop_trace()
     self.active = False
-    summary = summarize(op_times(read_trace_events(self.logdir)), hlo_op_names(hlo_text()),
-                        done - self.first)
-    summary = dict(summary, first_step=self.first + 1, last_step=done)
+    summary = dict(summarize_trace(self.logdir, hlo_text(), done - self.first),
+                   first_step=self.first + 1, last_step=done)
     (self.logdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

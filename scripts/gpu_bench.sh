@@ -59,8 +59,8 @@ bench() {  # bench NAME LIMIT_S bench.py-flags...
 bench parity "${limits[0]}" --parts parity "$@"
 bench train64 "${limits[1]}" --parts train --batch_sizes 64 "$@"
 bench sample64 "${limits[2]}" --parts sample --batch_sizes 64 "$@"
-# At batch 256 no target needs torch.compile, the breakdown or the profile, and the samplers run a
-# quarter of their steps (img/s scaled to the full count) to fit the limit.
+# At batch 256 no target needs torch.compile, the breakdown or the profile, and the
+# samplers run a quarter of their steps (img/s scaled to the full count) to fit the limit.
 bench train256 "${limits[3]}" --parts train --batch_sizes 256 --nobreakdown --noprofile \
   --notorch_compile "$@"
 bench sample256 "${limits[4]}" --parts sample --batch_sizes 256 --sample_timed_steps 250 \
