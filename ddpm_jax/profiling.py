@@ -38,6 +38,7 @@ _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _OPERAND = re.compile(r"%([\w.\-]+)")
 _COMPUTATION = re.compile(r"^%?([\w.\-]+) .*\{\s*$")
 _WRAPPER = re.compile(r"^[\w]+\((.*)\)$")
+_MODULE = re.compile(r"^HloModule ([\w.\-]+)", re.MULTILINE)
 
 FORWARD, BACKWARD, REST = "forward", "backward", "optimizer, EMA, rest"
 NO_METADATA = "(no metadata)"
@@ -79,6 +80,12 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
   return names
 
 
+def hlo_module_name(hlo_text: str) -> str | None:
+  """The program's name in its HLO text (``jit_train_step``), as trace events give it."""
+  match = _MODULE.search(hlo_text)
+  return match.group(1) if match else None
+
+
 def _unwrap(component: str) -> str:
   """``transpose(jvp(UNet))`` -> ``UNet``."""
   while (match := _WRAPPER.match(component)):
@@ -114,11 +121,15 @@ def read_trace_events(logdir: str | pathlib.Path) -> list[dict]:
     return json.load(f)["traceEvents"]
 
 
-def op_times(events: Iterable[dict]) -> dict[str, tuple[float, int]]:
+def op_times(events: Iterable[dict], module: str | None = None
+             ) -> dict[str, tuple[float, int]]:
   """``{op: (total microseconds, count)}`` over the trace's XLA op events.
 
   An op is keyed by its HLO instruction name, or by its JAX ``op_name`` path
-  (``jit(train_step)/...``) where a device event carries that in ``args.name``.
+  (``jit(train_step)/...``) where a device event carries that in ``args.name``. Given a
+  ``module``, events of other programs (``args.hlo_module``: a sample grid or a transfer
+  traced in the same window, named with or without a ``(fingerprint)``) are left out;
+  events that name no program are kept.
   """
   events = list(events)
   processes, threads = {}, {}
@@ -139,6 +150,8 @@ def op_times(events: Iterable[dict]) -> dict[str, tuple[float, int]]:
     if e.get("ph") != "X" or (e.get("pid"), e.get("tid")) not in keep:
       continue
     args = e.get("args") or {}
+    if module is not None and args.get("hlo_module", module).split("(")[0] != module:
+      continue
     if str(args.get("name", "")).startswith("jit("):
       name = args["name"]
     else:  # Device op lines may name an event by its HLO text, "%fusion.3 = f32[] ...".
@@ -176,8 +189,10 @@ def summarize(times: dict[str, tuple[float, int]], names: dict[str, str], steps:
 
 def summarize_trace(logdir: str | pathlib.Path, hlo_text: str, steps: int, top: int = 12
                     ) -> dict:
-  """:func:`summarize` of the newest trace in ``logdir``, ops named from ``hlo_text``."""
-  return summarize(op_times(read_trace_events(logdir)), hlo_op_names(hlo_text), steps, top)
+  """:func:`summarize` of the newest trace in ``logdir``: the ops of ``hlo_text``'s program,
+  named from it."""
+  times = op_times(read_trace_events(logdir), hlo_module_name(hlo_text))
+  return summarize(times, hlo_op_names(hlo_text), steps, top)
 
 
 def profile_calls(run: Callable[[], Any], steps: int, logdir: str | pathlib.Path,

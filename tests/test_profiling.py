@@ -85,6 +85,20 @@ def test_op_times_on_a_cpu_trace():
   assert profiling.op_times(events) == {"ynn_fusion.9": (400.0, 2), "fwd": (50.0, 1)}
 
 
+def test_op_times_of_one_program():
+  """Ops of other programs traced in the same window (a sample grid) are left out; ops
+  that name no program are kept."""
+  events = [_meta(1, process="/host:CPU"), _meta(1, 11, thread="tf_XLAPjRtCpuClient/1"),
+            _event(1, 11, "fwd", 50.0, hlo_module="jit_train_step", hlo_op="fwd"),
+            _event(1, 11, "bwd", 70.0, hlo_module="jit_train_step(8841)", hlo_op="bwd"),
+            _event(1, 11, "fwd", 900.0, hlo_module="jit_sample", hlo_op="fwd"),
+            _event(1, 11, "copy.1", 5.0)]
+  assert profiling.hlo_module_name(HLO) == "jit_train_step"
+  assert profiling.op_times(events, "jit_train_step") == {
+      "fwd": (50.0, 1), "bwd": (70.0, 1), "copy.1": (5.0, 1)}
+  assert profiling.op_times(events)["fwd"] == (950.0, 2)
+
+
 def test_op_times_on_a_gpu_trace():
   """The device's ``XLA Ops`` line when there is one (its streams would count twice), keyed
   by ``hlo_op`` or by the event's HLO text's instruction name; else its streams."""
@@ -163,11 +177,22 @@ def test_a_real_trace_of_a_gradient_step(tmp_path):
     with jax.named_scope("UNet"), jax.named_scope("Layer1"), jax.named_scope("dense"):
       return jnp.sum(jnp.tanh(x @ w) ** 2)
 
-  step = jax.jit(lambda w, x: w - 0.1 * jax.grad(loss)(w, x))
+  def train_step(w, x):
+    return w - 0.1 * jax.grad(loss)(w, x)
+
+  @jax.jit
+  def other_program(x):  # Traced in the same window; its ops are not the step's.
+    return jnp.cos(x @ x.T) @ x
+
   w, x = jnp.ones((256, 256)) / 256, jnp.ones((512, 256))
-  compiled = step.lower(w, x).compile()
+  compiled = jax.jit(train_step).lower(w, x).compile()
   compiled(w, x).block_until_ready()
-  s = profiling.profile_calls(lambda: compiled(w, x), 3, tmp_path, compiled.as_text())
+  other_program(x).block_until_ready()
+  s = profiling.profile_calls(lambda: (compiled(w, x), other_program(x)), 3, tmp_path,
+                              compiled.as_text())
+  names = profiling.hlo_op_names(compiled.as_text())
+  assert all(o["op"] in names for o in s["ops"])
+  assert not any("cos" in o["op"] for o in s["ops"])
   assert s["steps"] == 3 and s["op_ms_per_step"] > 0
   assert {profiling.FORWARD, profiling.BACKWARD} <= set(s["phases"])
   assert sum(p["share"] for p in s["phases"].values()) == pytest.approx(1.0)
