@@ -113,9 +113,9 @@ def test_ddpm_matches_the_original_over_1000_steps_with_its_strip():
   np.testing.assert_array_equal(frames[-1], x)  # The frame at t = 0 is the final image.
   err, frame_errors = _max_errors(x, frames, x_ref, frames_ref)
   scale = float(np.abs(x_ref.numpy()).max())
-  # Measured: 5.3e-3 at output scale 627 (8.5e-6 relative; this toy model makes z grow, and
-  # the two float32 cumprods differ by ~1e-6). An off-by-one step would move the toy's
-  # factor by ~3% per step.
+  # Measured: 5.3e-3 at output scale 627 (8.5e-6 relative: the schedules are bit-identical,
+  # but this toy model makes z grow over 1000 steps of float32 arithmetic done in another
+  # order). An off-by-one step would move the toy's factor by ~3% per step.
   assert err <= 3e-5 * scale, (err, scale)
   assert max(frame_errors) <= 3e-5 * scale, frame_errors
 
@@ -176,7 +176,8 @@ def test_ddim_with_every_step_and_eta1_is_ddpm_with_the_posterior_variance():
   ac = np.asarray(SCHEDULE.alphas_cumprod, np.float64)
   posterior = np.append(0.0, b[1:] * (1 - ac[:-1]) / (1 - ac[1:]))  # In step order 0..T-1.
   sigma = np.asarray(sampling.ddim_sigmas(SCHEDULE, 1000, 1.0))[::-1]
-  np.testing.assert_allclose(sigma ** 2, posterior, rtol=2e-4, atol=1e-12)
+  # Float32 1 - ac cancels near t = 0 (5e-4 at t = 4): measured 4.9e-4 relative there.
+  np.testing.assert_allclose(sigma ** 2, posterior, rtol=1e-3, atol=1e-12)
   np.testing.assert_array_equal(sampling.ddim_sigmas(SCHEDULE, 1000, 0.0), 0.0)
   # Its mean is the original's DDPM mean: with the noise off, the two agree step for step.
   z = jnp.asarray(_nhwc(_inputs(1, seed=3)[0]))
