@@ -244,7 +244,7 @@ def generate(run: Sampleable, sampler: str, num_steps: int, eta: float, seed: in
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
   _check_args(args)
-  outputs = [p for p in (args.out, args.npz, args.reverse_strip) if p]
+  outputs = [p for p in (args.out, args.npz, args.reverse_strip) if p is not None]
   files.check_outputs(outputs, args.overwrite)
   if args.workdir is not None:
     run = _load_workdir(args.workdir, args.use_ema, args.step)

@@ -107,9 +107,15 @@ def test_argument_errors(checkpoint, tmp_path):
       ([*ckpt, "--out", tmp_path], "is a directory"),
       ([*ckpt, *out, "--npz", tmp_path / "x.png"], "must differ"),
       ([*ckpt, "--out", checkpoint / "x.png"], "cannot create the directory"),
+      ([*ckpt, "--out", ""], "an output path is empty"),
+      ([*ckpt, *out, "--npz", ""], "an output path is empty"),
   ]
   for argv, message in cases:
     assert re.search(message, _error(argv)), (argv, message)
+  # A refused command creates no output directory either.
+  assert "does not exist" in _error(["--workdir", tmp_path / "nope", "--out",
+                                     tmp_path / "new" / "x.png"])
+  assert not (tmp_path / "new").exists()
   (tmp_path / "exists.png").write_bytes(b"keep me")
   assert "--overwrite" in _error([*ckpt, "--out", tmp_path / "exists.png"])
   assert (tmp_path / "exists.png").read_bytes() == b"keep me"
