@@ -17,6 +17,7 @@ import importlib.resources
 import pathlib
 import queue
 import threading
+import zlib
 from typing import Any
 
 import numpy as np
@@ -78,7 +79,7 @@ def _read_idx(path: pathlib.Path, magic: int) -> np.ndarray:
   if data[:2] == b"\x1f\x8b":
     try:
       data = gzip.decompress(data)
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
       raise UserError(f"{path}: broken gzip data ({e}); download the file again") from e
   ndim = magic - 2048
   header = 4 + 4 * ndim

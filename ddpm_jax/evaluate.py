@@ -31,6 +31,7 @@ import json
 import pathlib
 import warnings
 import zipfile
+import zlib
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -232,11 +233,13 @@ def load_samples(
     ``(images [N, 32, 32, 1] float32, data_range)``.
   """
   path = pathlib.Path(path)
+  if path.is_dir():
+    raise UserError(f"--samples {path} is a directory; give the npz file `sample --npz` wrote")
   if not path.is_file():
     raise UserError(f"samples file not found: {path}")
   try:
     archive = np.load(path, allow_pickle=False)
-  except (OSError, ValueError, EOFError) as e:
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
     raise UserError(f"cannot read {path} as an npz archive: {e}") from e
   if not isinstance(archive, np.lib.npyio.NpzFile):
     raise UserError(f"{path} holds a single array, not an npz archive with an `images` entry")
@@ -246,7 +249,7 @@ def load_samples(
     try:
       images = archive["images"]
       stored_range = archive["data_range"] if "data_range" in archive.files else None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
       raise UserError(f"cannot read the entries of {path}: {e}") from e
   if data_range is None:
     data_range = "zero_one" if stored_range is None else _read_data_range(stored_range)

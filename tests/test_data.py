@@ -169,11 +169,17 @@ def test_idx_truncated(tmp_path, cut):
     data.load_idx(str(tmp_path), "train")
 
 
-def test_idx_truncated_gzip(tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_idx_broken_gzip(tmp_path, damage):
   images, labels = _random_split(0, 50)
   _write_idx(tmp_path, "test", images, labels, gz=True)
   path = tmp_path / "t10k-images-idx3-ubyte.gz"
-  path.write_bytes(path.read_bytes()[:-100])
+  raw = bytearray(path.read_bytes())
+  if damage == "truncated":
+    raw = raw[:-100]
+  else:  # Flipped bytes inside the deflate stream (zlib.error, not OSError).
+    raw[20:60] = bytes(b ^ 0xFF for b in raw[20:60])
+  path.write_bytes(bytes(raw))
   with pytest.raises(UserError, match="t10k-images-idx3-ubyte.gz: broken gzip data"):
     data.load_idx(str(tmp_path), "test")
 

@@ -179,6 +179,9 @@ GOOD = np.zeros((4, 32, 32, 1), np.float32)
 ERROR_CASES = {
     "missing": ("missing", [], "not found"),
     "not_npz": ("text", [], "cannot read"),
+    "directory": ("directory", [], "is a directory"),
+    "truncated_npz": ("truncated", [], "cannot read .* as an npz archive"),
+    "corrupt_npz": ("corrupt", [], "cannot read the entries"),
     "no_images": ({"samples": GOOD}, [], "no `images` entry"),
     "wrong_shape": ({"images": np.zeros((4, 28, 28, 1))}, [], "shape"),
     "strings": ({"images": np.array(["a", "b"])}, [], "real numbers"),
@@ -197,6 +200,16 @@ def error_args(tmp_path, case):
   path = tmp_path / f"{case}.npz"
   if entries == "text":
     path.write_text("not an archive")
+  elif entries == "directory":
+    path.mkdir()
+  elif entries in ("truncated", "corrupt"):
+    np.savez_compressed(path, images=np.random.default_rng(0).random((64, 32, 32, 1)))
+    raw = bytearray(path.read_bytes())
+    if entries == "truncated":
+      raw = raw[:3000]
+    else:  # Flipped bytes inside the compressed entry (zlib.error).
+      raw[200:260] = bytes(b ^ 0xFF for b in raw[200:260])
+    path.write_bytes(bytes(raw))
   elif entries != "missing":
     np.savez(path, **entries)
   return ["--samples", str(path), *flags]
