@@ -29,15 +29,23 @@ _FLAX_TO_TORCH_PERM = (3, 2, 0, 1)
 
 def _to_numpy(value: Any) -> np.ndarray:
   if hasattr(value, "detach"):  # A torch tensor; avoid importing torch here.
-    value = value.detach().cpu().numpy()
+    value = value.detach().cpu()
+    value = (value.float() if str(value.dtype) == "torch.bfloat16" else value).numpy()
   return np.asarray(value)
 
 
 def _strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  keys = list(state_dict)
-  if keys and all(k.startswith(_EMA_PREFIX) for k in keys):
-    return {k[len(_EMA_PREFIX):]: _to_numpy(v) for k, v in state_dict.items()}
-  return {k: _to_numpy(v) for k, v in state_dict.items()}
+  """The state_dict as numpy arrays, without the EMA's ``module.`` prefix."""
+  arrays = {}
+  for k, v in state_dict.items():
+    value = _to_numpy(v) if isinstance(k, str) else None
+    if value is None or value.ndim == 0 or value.dtype.kind != "f":
+      raise UserError(f"not a state_dict of the original UNET: entry {k!r} is not a named "
+                      "float tensor")
+    arrays[k] = value
+  if arrays and all(k.startswith(_EMA_PREFIX) for k in arrays):
+    return {k[len(_EMA_PREFIX):]: v for k, v in arrays.items()}
+  return arrays
 
 
 def infer_architecture(state_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -97,6 +97,24 @@ def test_wrong_keys_are_named(quarter_ref):
     assert needle in msg, msg
 
 
+@pytest.mark.parametrize("key,value", [(0, torch.zeros(3)), ("shallow_conv.weight", 7),
+                                       ("shallow_conv.weight", torch.zeros(3, dtype=torch.int64)),
+                                       ("shallow_conv.weight", "text")])
+def test_entries_that_are_not_named_float_tensors(quarter_ref, key, value):
+  sd = dict(quarter_ref.state_dict())
+  sd[key] = value
+  with pytest.raises(UserError, match=f"entry {key!r} is not a named float tensor"):
+    torch_to_flax(sd, UNet(**QUARTER))
+
+
+def test_bfloat16_weights_convert_to_float32(quarter_ref):
+  sd = {k: v.to(torch.bfloat16) for k, v in quarter_ref.state_dict().items()}
+  params = torch_to_flax(sd, UNet(**QUARTER))
+  kernel = params["shallow_conv"]["kernel"]
+  np.testing.assert_array_equal(
+      kernel, sd["shallow_conv.weight"].float().numpy().transpose(2, 3, 1, 0))
+
+
 def test_checkpoint_errors(tmp_path):
   with pytest.raises(UserError, match="does not exist"):
     load_torch_checkpoint(tmp_path / "nope")
