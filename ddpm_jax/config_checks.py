@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
@@ -52,6 +53,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     _require(channels[i] == want,
              f"model.channels[{i}] must be model.channels[{i - 1}] // 2 + "
              f"model.channels[{n - i}] = {want}; got {channels}")
+  _require(m.num_groups > 0 and m.num_heads > 0, "model.num_groups and model.num_heads must "
+           f"be > 0; got {m.num_groups} and {m.num_heads}")
   for i, c in enumerate(channels):
     _require(c % m.num_groups == 0,
              f"model.channels[{i}] = {c} is not divisible by model.num_groups = {m.num_groups}; "
@@ -62,8 +65,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
                f"model.channels[{i}] = {c}")
     if m.upscales[i]:
       _require(c % 2 == 0, f"model.channels[{i}] = {c} must be even to up-sample to {c // 2}")
-  _require(m.num_groups > 0 and m.num_heads > 0, "model.num_groups and model.num_heads must be > 0")
-  _require(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}")
+  _require(0.0 <= m.dropout_rate < 1.0,
+           f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}")
   _require(m.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}; got {m.dtype!r}")
   _require(m.time_steps == config.schedule.num_steps,
            f"model.time_steps ({m.time_steps}) must equal schedule.num_steps "
@@ -85,18 +88,23 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   _require(config.data.range in DATA_RANGES,
            f"data.range must be one of {', '.join(DATA_RANGES)}; got {config.data.range!r}")
 
+  _require(0 <= config.seed < 2**32, f"seed must be in 0..{2**32 - 1} (JAX keeps 32 bits of it), "
+           f"got {config.seed}")
   _require(config.batch_size > 0, f"batch_size must be positive, got {config.batch_size}")
   _require(config.batch_size % num_devices == 0,
            f"batch_size {config.batch_size} is not divisible by the {num_devices} devices; "
            f"use a multiple of {num_devices}")
-  _require(config.learning_rate > 0, f"learning_rate must be > 0, got {config.learning_rate}")
+  _require(math.isfinite(config.learning_rate) and config.learning_rate > 0,
+           f"learning_rate must be a finite number > 0, got {config.learning_rate}")
   _require(0.0 <= config.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {config.ema_decay}")
   _require(config.num_train_steps > 0 or config.num_epochs > 0,
            "set num_train_steps > 0 or num_epochs > 0")
   for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     _require(config[key] > 0, f"{key} must be > 0, got {config[key]}")
-  _require(config.warmup_steps >= 0 and config.grad_clip_norm >= 0,
-           "warmup_steps and grad_clip_norm must be >= 0")
+  _require(config.warmup_steps >= 0, f"warmup_steps must be >= 0, got {config.warmup_steps}")
+  _require(math.isfinite(config.grad_clip_norm) and config.grad_clip_norm >= 0,
+           f"grad_clip_norm must be a finite number >= 0 (0 = no clipping), got "
+           f"{config.grad_clip_norm}")
   _require(config.lr_schedule in LR_SCHEDULES,
            f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}; got {config.lr_schedule!r}")
   _require(config.lr_schedule != "cosine" or config.num_train_steps > config.warmup_steps,

@@ -41,9 +41,28 @@ def test_mnist_config_is_the_original():
 @pytest.mark.parametrize("key, value, message", [
     ("profile_steps", -1, "profile_steps must be >= 0 (0 = no profile), got -1"),
     ("sample_every_steps", -2, "sample_every_steps must be >= 0 (0 = no samples), got -2"),
+    # Checked before the widths are divided by them (a ZeroDivisionError traceback before).
+    ("model.num_groups", 0, "model.num_groups and model.num_heads must be > 0; got 0 and 2"),
+    ("model.num_heads", 0, "model.num_groups and model.num_heads must be > 0; got 4 and 0"),
+    ("seed", -1, "seed must be in 0..4294967295 (JAX keeps 32 bits of it), got -1"),
+    ("seed", 2**32, "seed must be in 0..4294967295 (JAX keeps 32 bits of it), got 4294967296"),
+    ("learning_rate", float("inf"), "learning_rate must be a finite number > 0, got inf"),
+    ("learning_rate", float("nan"), "learning_rate must be a finite number > 0, got nan"),
+    ("learning_rate", 0.0, "learning_rate must be a finite number > 0, got 0.0"),
+    ("grad_clip_norm", float("inf"),
+     "grad_clip_norm must be a finite number >= 0 (0 = no clipping), got inf"),
+    ("grad_clip_norm", -1.0,
+     "grad_clip_norm must be a finite number >= 0 (0 = no clipping), got -1.0"),
+    ("warmup_steps", -1, "warmup_steps must be >= 0, got -1"),
+    ("ema_decay", float("nan"), "ema_decay must be in [0, 1), got nan"),
+    ("schedule.beta_end", float("inf"), "need 0 < schedule.beta_start <= schedule.beta_end < 1"),
 ])
 def test_a_bad_value_is_refused_in_one_line(key, value, message):
   config = load_config_file(pathlib.Path(__file__).parents[1] / "configs" / "mnist_tiny.py")
-  config[key] = value
+  *parents, leaf = key.split(".")
+  node = config
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = value
   with pytest.raises(UserError, match=re.escape(message)):
     validate_config(config)
