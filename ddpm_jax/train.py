@@ -482,6 +482,26 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   return state
 
 
+USAGE = """\
+usage: python -m ddpm_jax.train --config FILE --workdir DIR [--config.KEY=VALUE ...]
+
+Trains the UNet of FILE's config (configs/mnist.py: the original's settings;
+configs/mnist_tiny.py: the CPU demo) into DIR, or resumes DIR from its latest checkpoint.
+
+  --config FILE        a config file; every key and its default: ddpm_jax/config_defaults.py
+  --workdir DIR        the run: DIR/checkpoints/, DIR/metrics.jsonl, DIR/config.json
+  --config.KEY=VALUE   overrides a key, e.g. --config.num_train_steps=1000 or
+                       --config.model.channels='(16,32,64,128,128,96)'
+  -h, --help           this message
+"""
+
+
+def _wants_help(argv: list[str]) -> bool:
+  """Whether ``argv`` asks for the usage (``-h`` or ``--help`` before any ``--``)."""
+  flags = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  return any(arg in ("-h", "--help") for arg in flags)
+
+
 def _config_file_arg(argv: list[str]) -> str | None:
   """The value of ``--config`` in ``argv`` (``--config=FILE`` or ``--config FILE``)."""
   for i, arg in enumerate(argv[1:], 1):
@@ -571,7 +591,11 @@ def _ignore_closed_event_loop(unraisable) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  config, workdir = _parse_flags(sys.argv if argv is None else argv)
+  argv = sys.argv if argv is None else argv
+  if _wants_help(argv):
+    print(USAGE, end="")
+    return 0
+  config, workdir = _parse_flags(argv)
   # Orbax logs each failed checkpoint read or write with tracebacks; the one-line reports
   # of ``checkpoint`` replace them on the command line.
   for name in ("absl", "asyncio"):

@@ -229,3 +229,14 @@ def test_the_readme_troubleshooting_table_lists_every_case(results):
     if max(pieces, key=len) not in table:
       missing.append(f"{name}: {max(pieces, key=len)!r}")
   assert not missing, missing
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_the_usage_and_exits_0(flag, tmp_path):
+  """Asking for help is not bad input: the usage on stdout, exit 0, nothing created."""
+  result = _python((*TRAIN, "--config", TINY, "--workdir", str(tmp_path / "run"), flag))
+  assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
+  assert result.stdout.startswith(
+      "usage: python -m ddpm_jax.train --config FILE --workdir DIR [--config.KEY=VALUE ...]\n")
+  assert "--config.KEY=VALUE   overrides a key" in result.stdout
+  assert not (tmp_path / "run").exists()
