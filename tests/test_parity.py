@@ -68,6 +68,33 @@ def test_schedule_coefficients_in_closed_form():
   assert float(s.posterior_variance[0]) == 0.0
 
 
+def test_initial_parameters_follow_pytorchs_defaults():
+  """Every weight and bias of a fresh UNet() is uniform in +-1/sqrt(fan_in) with PyTorch's
+  fan_in (a ConvTranspose2d's from its output channels), as the original's layers start;
+  GroupNorm starts at scale 1, offset 0. Checked on all 35.2M parameters: the bound exactly,
+  the mean and standard deviation to 6 standard errors of a uniform sample."""
+  ref = R.UNET()
+  params = UNet().init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)), jnp.zeros((1,), jnp.int32))
+  ours = flax_to_torch(params["params"])
+  reference = ref.state_dict()
+  assert set(ours) == set(reference)
+  for key, ref_value in reference.items():
+    value = ours[key]
+    assert value.shape == tuple(ref_value.shape), key
+    weight = reference[key.rsplit(".", 1)[0] + ".weight"]
+    if weight.ndim == 1:  # GroupNorm.
+      np.testing.assert_array_equal(value, 1.0 if key.endswith("weight") else 0.0)
+      continue
+    fan_in = torch.nn.init._calculate_fan_in_and_fan_out(weight)[0]  # pylint: disable=protected-access
+    bound = 1 / np.sqrt(fan_in)
+    limit = bound * (1 + 1e-6)  # The float32 bound may round up.
+    assert np.abs(value).max() <= limit and ref_value.abs().max() <= limit, key
+    n, std = value.size, bound / np.sqrt(3)
+    assert abs(value.mean()) <= 6 * std / np.sqrt(n), key
+    # A uniform sample's standard deviation has a relative standard error of ~0.45/sqrt(n).
+    assert abs(value.std() / std - 1) <= 6 * 0.45 / np.sqrt(n), key
+
+
 @pytest.mark.parametrize("name", sorted(ARCHS))
 def test_layer_shapes_and_parameter_count(name):
   arch = ARCHS[name]
