@@ -246,9 +246,10 @@ class _Metrics:
     now = time.perf_counter()
     steps = step - (self._last_step if self._last_step is not None else step - len(losses))
     finite = [l for l in losses if np.isfinite(l)]
-    record = dict(step=step, loss=float(np.mean(finite)) if finite else float("nan"),
-                  lr=learning_rate_at(step, self._config.learning_rate, self._config.warmup_steps,
-                                      lr_decay_steps(self._config)),
+    # The rate of the update that made ``step``: optax's schedule reads the count before it.
+    lr = learning_rate_at(step - 1, self._config.learning_rate, self._config.warmup_steps,
+                          lr_decay_steps(self._config))
+    record = dict(step=step, loss=float(np.mean(finite)) if finite else float("nan"), lr=lr,
                   img_per_s=steps * self._batch_size / max(now - self._last_time, 1e-9),
                   time=time.time())
     if self._resumed_from is not None:

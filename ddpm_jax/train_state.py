@@ -54,13 +54,18 @@ def make_optimizer(learning_rate: float, warmup_steps: int = 0, grad_clip_norm: 
   return adam
 
 
-def learning_rate_at(step: int, learning_rate: float, warmup_steps: int = 0,
+def learning_rate_at(count: int, learning_rate: float, warmup_steps: int = 0,
                      decay_steps: int = 0) -> float:
-  """The rate ``make_optimizer`` applies at ``step``, in Python floats (for logging)."""
-  if warmup_steps > 0 and step < warmup_steps:
-    return learning_rate * step / warmup_steps
+  """The rate of ``make_optimizer``'s update number ``count + 1``, in Python floats.
+
+  optax's schedules read the count before the update increments it: the update that takes
+  the state from step ``count`` to step ``count + 1`` applies this rate.
+  """
+  if warmup_steps > 0 and count < warmup_steps:
+    return learning_rate * count / warmup_steps
   if decay_steps > 0:
-    progress = min(step - warmup_steps, decay_steps - warmup_steps) / (decay_steps - warmup_steps)
+    progress = (min(count - warmup_steps, decay_steps - warmup_steps)
+                / (decay_steps - warmup_steps))
     return learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
   return learning_rate
 

@@ -143,16 +143,19 @@ def test_cosine_schedule_steps_adam_by_the_closed_form_rate(warmup_steps):
   np.testing.assert_allclose(logged, expected, rtol=1e-6, atol=1e-7)
 
 
-def test_cosine_run_logs_the_decaying_rate(tmp_path):
-  """A cosine run's metrics.jsonl logs the schedule's rate at each step, 0 at the end."""
-  config = micro_config(num_train_steps=6, log_every_steps=1, lr_schedule="cosine")
+def test_cosine_run_logs_the_rate_each_step_applied(tmp_path):
+  """Step N's line logs the rate of the update that made step N: optax's count N - 1 (the
+  closed-form test above), so a warm-up's first step logs 0 and the last step is not 0."""
+  config = micro_config(num_train_steps=6, log_every_steps=1, lr_schedule="cosine",
+                        warmup_steps=2)
   train_and_evaluate(config, str(tmp_path / "cosine"))
   records = checkpoint.read_metrics(tmp_path / "cosine")
   assert [r["step"] for r in records] == list(range(1, 7))
-  for r in records:
-    assert r["lr"] == pytest.approx(learning_rate_at(r["step"], 1e-3, 0, decay_steps=6),
-                                    abs=1e-9)
-  assert records[-1]["lr"] == 0.0
+  cosine = lambda k: 1e-3 * 0.5 * (1 + math.cos(math.pi * k / 4))  # After the warm-up.
+  expected = [0.0, 5e-4, cosine(0), cosine(1), cosine(2), cosine(3)]
+  np.testing.assert_allclose([r["lr"] for r in records], expected, rtol=1e-12, atol=1e-15)
+  assert [r["lr"] for r in records] == [learning_rate_at(n - 1, 1e-3, 2, decay_steps=6)
+                                        for n in range(1, 7)]
 
 
 _DEVICE_SCRIPT = textwrap.dedent("""
