@@ -10,7 +10,7 @@ Parameters start as PyTorch's do (``Conv2d``, ``ConvTranspose2d`` and ``Linear``
 weights uniform in +-1/sqrt(fan_in) (``kaiming_uniform_(a=sqrt(5))``), biases likewise, with
 PyTorch's fan_in; GroupNorm scales 1 and offsets 0. Flax's own defaults (lecun_normal, zero
 biases) would start the original's training from weights ~1.7x larger and an initial loss
-about twice as high.
+2-4x as high.
 """
 
 from __future__ import annotations
