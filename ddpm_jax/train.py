@@ -219,6 +219,7 @@ class _Metrics:
         if f.read(1) != b"\n":
           f.write(b"\n")
     self._pending: list[tuple[int, dict]] = []
+    self._unlogged: list[float] = []  # Fetched losses of the steps since the last line.
     self._last_time = time.perf_counter()
     self._last_step: int | None = None
     self.epoch_losses: list[float] = []
@@ -233,17 +234,26 @@ class _Metrics:
     """Leaves ``seconds`` spent on something else (sampling) out of the next ``img_per_s``."""
     self._last_time += seconds
 
-  def flush(self) -> tuple[list[float], int | None]:
-    """Fetches pending metrics: their losses, and the first step whose loss was not finite."""
+  def flush(self) -> int | None:
+    """Fetches pending metrics, keeping their losses for the next line; returns the first
+    step whose loss was not finite, if any."""
     fetched = jax.device_get(self._pending)
     self._pending = []
     losses = [float(m["loss"]) for _, m in fetched]
     bad = [s for s, m in fetched if not bool(m["finite"])]
+    self._unlogged.extend(losses)
     self.epoch_losses.extend(l for l in losses if np.isfinite(l))
-    return losses, (bad[0] if bad else None)
+    return bad[0] if bad else None
 
-  def log(self, step: int, losses: list[float]) -> dict:
+  @property
+  def unlogged(self) -> bool:
+    """Whether steps were fetched since the last line."""
+    return bool(self._unlogged)
+
+  def log(self, step: int) -> dict:
+    """Writes step's line: the mean finite loss of every step since the previous line."""
     now = time.perf_counter()
+    losses, self._unlogged = self._unlogged, []
     steps = step - (self._last_step if self._last_step is not None else step - len(losses))
     finite = [l for l in losses if np.isfinite(l)]
     # The rate of the update that made ``step``: optax's schedule reads the count before it.
@@ -446,10 +456,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         end_of_epoch = step % batches.steps_per_epoch == 0
         if step % config.log_every_steps == 0 or step == total or end_of_epoch or \
             step % config.checkpoint_every_steps == 0:
-          losses, bad = metrics.flush()
-          check_finite(step, bad)
+          check_finite(step, metrics.flush())
           if step % config.log_every_steps == 0 or step == total:
-            record = metrics.log(step, losses)
+            record = metrics.log(step)
             bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
           if end_of_epoch and is_main:
             epoch = step // batches.steps_per_epoch
@@ -462,10 +471,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         sample(step)
       if profile is not None and profile.active:  # A run shorter than its profile.
         report_profile(step, batch)
-      losses, bad = metrics.flush()
-      check_finite(step, bad)
-      if losses:
-        metrics.log(step, losses)
+      check_finite(step, metrics.flush())
+      if metrics.unlogged:
+        metrics.log(step)
       if step > start_step or not found:
         save(step)
       finish_save()

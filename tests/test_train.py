@@ -87,6 +87,18 @@ def test_read_metrics_keeps_the_resumed_runs_line_for_a_step_logged_twice(tmp_pa
   assert [r["loss"] for r in records] == [r["loss"] for r in checkpoint.read_metrics(straight)]
 
 
+def test_each_metrics_line_averages_every_step_since_the_previous_line(tmp_path):
+  """Losses fetched at a checkpoint step that is not a log step count in the next line."""
+  train_and_evaluate(micro_config(num_train_steps=8, log_every_steps=1), str(tmp_path / "all"))
+  per_step = [r["loss"] for r in checkpoint.read_metrics(tmp_path / "all")]
+  train_and_evaluate(micro_config(num_train_steps=8, log_every_steps=4, checkpoint_every_steps=3),
+                     str(tmp_path / "sparse"))
+  records = checkpoint.read_metrics(tmp_path / "sparse")
+  assert [r["step"] for r in records] == [4, 8]
+  assert [r["loss"] for r in records] == pytest.approx(
+      [np.mean(per_step[:4]), np.mean(per_step[4:])], rel=1e-12)
+
+
 def test_sample_grids_are_written_every_sample_every_steps(tmp_path):
   config = micro_config(sample_every_steps=2, sample_num_images=4, sample_num_steps=3)
   train_and_evaluate(config, str(tmp_path))
