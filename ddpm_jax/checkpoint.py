@@ -58,12 +58,13 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
-  """The run's ``metrics.jsonl`` records, one per step, in step order.
+  """The run's ``metrics.jsonl`` records, at most one per step, in step order.
 
   The file is only ever appended to. A run killed after its last checkpoint logged steps
-  that the resumed run trains and logs again (the first line after a resume carries
-  ``resumed_from``); the later line for a step supersedes the earlier one, so this is the
-  history of the run the latest checkpoint continues. A line cut short by a kill is skipped.
+  that the resumed run trains again: the first line after a resume from step R carries
+  ``resumed_from: R``, and the earlier lines of steps after R are dropped (those steps were
+  redone, and may be logged at other steps this time), so this is the history of the run
+  the latest checkpoint continues. A line cut short by a kill is skipped.
   """
   path = pathlib.Path(workdir) / METRICS_FILE
   if not path.is_file():
@@ -74,8 +75,11 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
       record = json.loads(line)
     except ValueError:
       continue
-    if isinstance(record, dict) and "step" in record:
-      by_step[record["step"]] = record
+    if not (isinstance(record, dict) and "step" in record):
+      continue
+    if "resumed_from" in record:
+      by_step = {step: r for step, r in by_step.items() if step <= record["resumed_from"]}
+    by_step[record["step"]] = record
   return [by_step[step] for step in sorted(by_step)]
 
 

@@ -99,6 +99,24 @@ def test_each_metrics_line_averages_every_step_since_the_previous_line(tmp_path)
       [np.mean(per_step[:4]), np.mean(per_step[4:])], rel=1e-12)
 
 
+def test_read_metrics_drops_the_lines_of_steps_a_resume_redid(tmp_path):
+  """Steps 5 and 6 logged, checkpoint 6 lost: the resumed run logs 6 and 8 only, and the
+  first run's step 5 is not in the history of the run the latest checkpoint continues."""
+  train_and_evaluate(micro_config(num_train_steps=6, log_every_steps=1,
+                                  checkpoint_every_steps=4), str(tmp_path))
+  first = checkpoint.read_metrics(tmp_path)
+  shutil.rmtree(tmp_path / checkpoint.CHECKPOINTS / "6")
+  train_and_evaluate(micro_config(num_train_steps=8, log_every_steps=2,
+                                  checkpoint_every_steps=4), str(tmp_path))
+  records = checkpoint.read_metrics(tmp_path)
+  assert [(r["step"], r.get("resumed_from")) for r in records] == [
+      (1, None), (2, None), (3, None), (4, None), (6, 4), (8, None)]
+  assert records[:4] == first[:4]
+  # Bit-identical training: the redone steps 5 and 6 give the first run's losses again.
+  assert records[4]["loss"] == pytest.approx(np.mean([r["loss"] for r in first[4:6]]),
+                                             rel=1e-12)
+
+
 def test_sample_grids_are_written_every_sample_every_steps(tmp_path):
   config = micro_config(sample_every_steps=2, sample_num_images=4, sample_num_steps=3)
   train_and_evaluate(config, str(tmp_path))
