@@ -376,6 +376,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                       len(images)), flush=True)
 
   pending = None  # The step whose checkpoint is still being written in the background.
+  saved = start_step if found else None  # The newest step this run saved or restored.
 
   def finish_save() -> None:
     nonlocal pending
@@ -384,10 +385,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       checkpoint.finish(mngr, saving)
 
   def save(step: int) -> None:
-    nonlocal pending
+    nonlocal pending, saved
     finish_save()
     checkpoint.save(mngr, step, state, {"step": step, "epoch": step // batches.steps_per_epoch})
-    pending = step
+    pending = saved = step
 
   write_grid = make_sample_grid_writer(config)
 
@@ -474,7 +475,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       check_finite(step, metrics.flush())
       if metrics.unlogged:
         metrics.log(step)
-      if step > start_step or not found:
+      if step != saved:  # A stop signal can land on a step the loop just saved.
         save(step)
       finish_save()
   finally:

@@ -332,6 +332,32 @@ def test_a_kill_before_the_commit_leaves_only_a_tmp_dir_that_resume_ignores(
 # SIGTERM / SIGINT -----------------------------------------------------------------------
 
 
+def _stop_once_a_line_is_logged(argv, workdir, sig):
+  """Runs the CLI and sends it ``sig`` once it has logged a new metrics line; returns the
+  step it says it stopped at, after checking its exit and its lines."""
+  before = _metrics(workdir)
+  proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  try:
+    give_up = time.monotonic() + 240
+    while _metrics(workdir).count("\n") == before.count("\n"):
+      assert proc.poll() is None and time.monotonic() < give_up, proc.communicate()
+      time.sleep(0.01)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == 0, err[-3000:]
+  assert "error:" not in err, err[-3000:]
+  stopped = [l for l in out.splitlines() if l.startswith("Stopped by")]
+  assert len(stopped) == 1 and sig.name in stopped[0], out
+  assert "Run the same command again to resume" in stopped[0]
+  assert _metrics(workdir).startswith(before)  # appended, never truncated
+  return int(stopped[0].split(" at step ")[1].split(";")[0])
+
+
 def test_sigterm_and_sigint_save_the_last_step_and_the_run_resumes_bit_identically(
     reference, tmp_path):
   """SIGTERM stops a fresh run, SIGINT the resumed one; both checkpoints match the reference."""
@@ -339,30 +365,23 @@ def test_sigterm_and_sigint_save_the_last_step_and_the_run_resumes_bit_identical
   argv = _cli(workdir, {"checkpoint_every_steps": 100})
   metrics = workdir / checkpoint.METRICS_FILE
   for sig in (signal.SIGTERM, signal.SIGINT):
-    before = _metrics(workdir)
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-      give_up = time.monotonic() + 240
-      while _metrics(workdir).count("\n") == before.count("\n"):
-        assert proc.poll() is None and time.monotonic() < give_up, proc.communicate()
-        time.sleep(0.01)
-      proc.send_signal(sig)
-      out, err = proc.communicate(timeout=120)
-    finally:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 0, err[-3000:]
-    stopped = [l for l in out.splitlines() if l.startswith("Stopped by")]
-    assert len(stopped) == 1 and sig.name in stopped[0], out
-    assert "Run the same command again to resume" in stopped[0]
-    step = int(stopped[0].split(" at step ")[1].split(";")[0])
+    step = _stop_once_a_line_is_logged(argv, workdir, sig)
     assert step < STEPS
     assert _steps(workdir)[-1] == step  # the checkpoint is the last completed step
     _assert_same(_restore(workdir, step), reference.state(step))
     assert json.loads(metrics.read_text().splitlines()[-1])["step"] == step
-    assert _metrics(workdir).startswith(before)  # appended, never truncated
+
+
+def test_a_stop_signal_on_a_checkpoint_step_saves_it_once(reference, tmp_path):
+  """With a checkpoint every step, the signal always lands on a step the loop has saved:
+  the stop keeps that checkpoint (writing it again failed with 'cannot write the
+  checkpoint of step N', exit 2)."""
+  workdir = tmp_path / "run"
+  step = _stop_once_a_line_is_logged(_cli(workdir, {"num_train_steps": 400}), workdir,
+                                     signal.SIGTERM)
+  assert step < STEPS
+  assert _steps(workdir)[-1] == step
+  _assert_same(_restore(workdir, step), reference.state(step))
 
 
 # Damaged checkpoints --------------------------------------------------------------------
