@@ -338,7 +338,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"num_groups={m.num_groups}, dropout_prob={m.dropout_rate}, num_heads={m.num_heads}, "
         f"input_channels={config.data.channels}, output_channels={m.out_channels}, "
         f"time_steps={m.time_steps})")
+  differences = _differences_from_the_original(config)
+  if differences:
+    reader = (f"`python -m ddpm_jax.sample --torch_checkpoint {args.out} --data_range "
+              f"{config.data.range}`" if differences == [_range_difference(config)] else
+              f"`python -m ddpm_jax.sample --workdir {args.workdir}`")
+    print(f"note: the original's code assumes other settings than this run's "
+          f"({'; '.join(differences)}), so its samples of this file come out wrong; "
+          f"{reader} samples it right", flush=True)
   return 0
+
+
+def _range_difference(config) -> str:
+  return f"data in {config.data.range}, not zero_one"
+
+
+def _differences_from_the_original(config) -> list[str]:
+  """What of a run's data and schedule the original's code (and ``--torch_checkpoint``
+  sampling) would take for something else."""
+  original = dict(num_steps=1000, beta_start=1e-4, beta_end=0.02)
+  differences = [_range_difference(config)] if config.data.range != "zero_one" else []
+  schedule = {k: config.schedule[k] for k in original}
+  if schedule != original:
+    differences.append(f"schedule {schedule}, not {original}")
+  if config.data.image_size != 32:
+    differences.append(f"{config.data.image_size}x{config.data.image_size} images, not 32x32")
+  return differences
 
 
 if __name__ == "__main__":

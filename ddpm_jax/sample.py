@@ -3,16 +3,20 @@
   python -m ddpm_jax.sample (--workdir DIR | --torch_checkpoint FILE) --num_samples N
       --sampler {ddpm,ddim} --num_steps K --seed S --out FILE.png [--npz FILE.npz]
       [--reverse_strip FILE.png] [--use_ema | --no_use_ema] [--eta E] [--batch_size B]
-      [--overwrite] [--num_groups G --num_heads H]
+      [--overwrite] [--num_groups G --num_heads H --data_range R]
 
 Weights: ``--workdir`` reads a ``ddpm_jax.train`` run (its config gives the architecture,
 the schedule and the data range); ``--torch_checkpoint`` reads the original's
 ``{'weights', 'optimizer', 'ema'}`` file, whose shapes give the architecture except
 ``num_groups`` and ``num_heads`` (flags, the original's 32 and 8 by default), with the
-original's schedule, 32x32 images and data in [0, 1]. EMA weights unless ``--no_use_ema``.
+original's schedule, 32x32 images and data in [0, 1] (``--data_range minus_one_one`` for a
+converted run of a [-1, 1] config). EMA weights unless ``--no_use_ema``.
 
-Sample ``i`` depends only on ``--seed`` and ``i`` (its key is ``fold_in(key(seed), i)``), so
-the same seed gives the same images, bit for bit with the same ``--batch_size``. Batches are
+Sample ``i``'s noise (its starting point and every step's) depends only on ``--seed`` and
+``i`` (its key is ``fold_in(key(seed), i)``), so the same command gives the same images bit
+for bit. Another ``--batch_size`` (the default is ``min(N, 64)``, so also another N below
+64) computes the same noise in other batch shapes, whose float rounding differs: close
+images from a trained model, visibly different ones from an undertrained one. Batches are
 always full (the last one is padded with extra samples, then cut), so one compilation
 serves them all.
 
@@ -89,6 +93,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="--torch_checkpoint only: GroupNorm groups (default 32)")
   parser.add_argument("--num_heads", type=int, default=None,
                       help="--torch_checkpoint only: attention heads (default 8)")
+  parser.add_argument("--data_range", choices=DATA_RANGES, default=None,
+                      help="--torch_checkpoint only: the range of the data the model learned "
+                      "(default zero_one, the original's; minus_one_one for a converted run "
+                      "of such a config)")
   return parser.parse_args(argv)
 
 
@@ -111,9 +119,10 @@ def _check_args(args: argparse.Namespace) -> None:
     raise UserError("--clip_denoised applies only to --sampler ddim")
   if args.step is not None and args.workdir is None:
     raise UserError("--step applies only to --workdir (a torch checkpoint holds one step)")
-  if args.workdir is not None and (args.num_groups is not None or args.num_heads is not None):
-    raise UserError("--num_groups and --num_heads apply only to --torch_checkpoint "
-                    "(a workdir's config has them)")
+  if args.workdir is not None and (args.num_groups is not None or args.num_heads is not None
+                                   or args.data_range is not None):
+    raise UserError("--num_groups, --num_heads and --data_range apply only to "
+                    "--torch_checkpoint (a workdir's config has them)")
   for flag in ("num_groups", "num_heads"):
     value = getattr(args, flag)
     if value is not None and value <= 0:
@@ -163,8 +172,8 @@ def _torch_architecture(path: str) -> dict | None:
     return None
 
 
-def _load_torch(path: str, use_ema: bool, num_groups: int | None,
-                num_heads: int | None) -> Sampleable:
+def _load_torch(path: str, use_ema: bool, num_groups: int | None, num_heads: int | None,
+                data_range: str | None = None) -> Sampleable:
   arch = _torch_architecture(path)
   if arch is None:
     load_torch_checkpoint(path, use_ema)  # Raises a UserError saying what is wrong.
@@ -181,7 +190,7 @@ def _load_torch(path: str, use_ema: bool, num_groups: int | None,
     raise UserError(f"{path}: the model maps {in_channels} channel(s) to "
                     f"{model.out_channels}; a noise predictor keeps the channel count")
   return Sampleable(model=model, params=load_torch_checkpoint(path, use_ema, model),
-                    schedule=linear_schedule(), data_range="zero_one",
+                    schedule=linear_schedule(), data_range=data_range or "zero_one",
                     image_shape=(32, 32, in_channels))
 
 
@@ -250,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = _load_workdir(args.workdir, args.use_ema, args.step)
     source = f"workdir {args.workdir}" + ("" if args.step is None else f" at step {args.step}")
   else:
-    run = _load_torch(args.torch_checkpoint, args.use_ema, args.num_groups, args.num_heads)
+    run = _load_torch(args.torch_checkpoint, args.use_ema, args.num_groups, args.num_heads,
+                      args.data_range)
     source = f"torch checkpoint {args.torch_checkpoint}"
   num_steps = _num_steps(args, run.schedule.num_steps)
   eta = 0.0 if args.eta is None else args.eta

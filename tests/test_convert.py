@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import reference_torch as R
-from ddpm_jax import checkpoint
+from ddpm_jax import checkpoint, convert
 from ddpm_jax.convert import (flax_to_torch, infer_architecture, load_torch_checkpoint,
                               load_torch_training_state, to_torch_checkpoint, torch_to_flax)
 from ddpm_jax.errors import UserError
@@ -138,6 +138,31 @@ def test_ddpm_jax_imports_without_torch():
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+def test_convert_names_what_the_original_would_take_for_something_else():
+  config = micro_config()
+  assert convert._differences_from_the_original(config) == []  # pylint: disable=protected-access
+  config.data.range = "minus_one_one"
+  config.schedule.num_steps = 500
+  config.data.image_size = 28
+  assert convert._differences_from_the_original(config) == [  # pylint: disable=protected-access
+      "data in minus_one_one, not zero_one",
+      "schedule {'num_steps': 500, 'beta_start': 0.0001, 'beta_end': 0.02}, not "
+      "{'num_steps': 1000, 'beta_start': 0.0001, 'beta_end': 0.02}", "28x28 images, not 32x32"]
+
+
+def test_converting_a_signed_data_run_says_how_to_sample_it(tmp_path, capsys):
+  config = micro_config(batch_size=4, num_train_steps=1)
+  config.data.range = "minus_one_one"
+  train_and_evaluate(config, str(tmp_path / "run"))
+  capsys.readouterr()
+  assert convert.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "c.pt")]) == 0
+  note = capsys.readouterr().out.splitlines()[-1]
+  assert note.startswith("note: the original's code assumes other settings than this run's "
+                         "(data in minus_one_one, not zero_one)")
+  assert note.endswith(f"--torch_checkpoint {tmp_path / 'c.pt'} --data_range minus_one_one` "
+                       "samples it right")
+
+
 def _convert(*args):
   return subprocess.run([sys.executable, "-m", "ddpm_jax.convert", *map(str, args)], cwd=ROOT,
                         capture_output=True, text=True, timeout=300,
@@ -151,6 +176,7 @@ def test_cli_writes_a_run_as_the_original_checkpoint(tmp_path):
   proc = _convert("--workdir", workdir, "--out", out)
   assert proc.returncode == 0, proc.stderr
   assert "step 2" in proc.stdout and "num_groups=4" in proc.stdout and "num_heads=2" in proc.stdout
+  assert "note:" not in proc.stdout  # The original's data range, schedule and size.
   ckpt = torch.load(out, weights_only=True)  # What the original's torch.load gets.
   assert sorted(ckpt) == ["ema", "optimizer", "weights"]
   _, params, ema = checkpoint.load_run(workdir)

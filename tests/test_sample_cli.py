@@ -77,6 +77,13 @@ def test_torch_checkpoint_outputs_and_same_seed_same_images(checkpoint, tmp_path
   with np.load(tmp_path / "c" / "samples.npz") as npz:
     assert not np.allclose(npz["images"], samples)
 
+  # A converted run of a [-1, 1] config: the same images, read and stored as [-1, 1].
+  signed = _run(*_ddim_args(checkpoint, tmp_path / "d", "--data_range", "minus_one_one"))
+  assert signed.returncode == 0, signed.stderr
+  with np.load(tmp_path / "d" / "samples.npz") as npz:
+    np.testing.assert_array_equal(npz["images"], samples)
+    assert str(npz["data_range"]) == "minus_one_one"
+
 
 def _error(argv) -> str:
   with pytest.raises(UserError) as info:
@@ -101,6 +108,9 @@ def test_argument_errors(checkpoint, tmp_path):
       ([*ckpt, "--sampler", "ddim", "--num_steps", 0, *out], r"must be in 1\.\.1000"),
       ([*ckpt, "--sampler", "plms", *out], "invalid choice"),
       (["--workdir", tmp_path, "--num_groups", 8, *out], "apply only to --torch_checkpoint"),
+      (["--workdir", tmp_path, "--data_range", "minus_one_one", *out],
+       "apply only to --torch_checkpoint"),
+      ([*ckpt, "--data_range", "zero_255", *out], "invalid choice"),
       ([*ckpt, "--step", 2, *out], "--step applies only to --workdir"),
       (["--torch_checkpoint", tmp_path / "missing.pt", *out], "does not exist"),
       (["--torch_checkpoint", checkpoint, *out], "does not split into 32 groups"),
