@@ -158,21 +158,25 @@ def _batch(seed=0, n=4):
   return x0, t, e
 
 
-def test_gradient_parity_default_model():
-  ref, model, params = make_pair(DEFAULT, seed=3)
-  x0, t, e = _batch(0)
+def _loss_and_grads(ref, model, params, x0, t, e, dropout_rng=None):
+  """The original's loss and gradients (``ref``, torch) and ours (``model``), gradients
+  keyed by state_dict names."""
   sched = R.DDPM_Scheduler(1000)
   a = sched.alpha[torch.from_numpy(t)].view(-1, 1, 1, 1)
   x_t = torch.sqrt(a) * torch.from_numpy(x0) + torch.sqrt(1 - a) * torch.from_numpy(e)
   loss_ref = torch.nn.functional.mse_loss(ref(x_t, torch.from_numpy(t)), torch.from_numpy(e))
   loss_ref.backward()
   g_ref = {k: p.grad.numpy() for k, p in ref.named_parameters()}
-
   loss, grads = jax.value_and_grad(diffusion.noise_loss)(
       params, model.apply, linear_schedule(), jnp.asarray(nchw_to_nhwc(x0)), jnp.asarray(t),
-      jnp.asarray(nchw_to_nhwc(e)))
-  g = flax_to_torch(grads)
-  assert abs(float(loss) - loss_ref.item()) <= 1e-6 * max(1.0, loss_ref.item())
+      jnp.asarray(nchw_to_nhwc(e)), dropout_rng)
+  return loss_ref.item(), g_ref, float(loss), flax_to_torch(grads)
+
+
+def test_gradient_parity_default_model():
+  ref, model, params = make_pair(DEFAULT, seed=3)
+  loss_ref, g_ref, loss, g = _loss_and_grads(ref, model, params, *_batch(0))
+  assert abs(loss - loss_ref) <= 1e-6 * max(1.0, loss_ref)
   assert set(g) == set(g_ref)
   diff = np.sqrt(sum(np.sum((g[k] - g_ref[k]) ** 2) for k in g))
   norm = np.sqrt(sum(np.sum(g_ref[k] ** 2) for k in g))
@@ -187,19 +191,9 @@ def test_training_mode_path_matches_reference():
   ``dot_product_attention``); at a dropout rate of 1e-9 it drops nothing, so its loss and
   gradients must equal the original's without dropout."""
   ref, _, params = make_pair(QUARTER, seed=7)
-  model = UNet(**QUARTER, dropout_rate=1e-9)
-  x0, t, e = _batch(4)
-  sched = R.DDPM_Scheduler(1000)
-  a = sched.alpha[torch.from_numpy(t)].view(-1, 1, 1, 1)
-  x_t = torch.sqrt(a) * torch.from_numpy(x0) + torch.sqrt(1 - a) * torch.from_numpy(e)
-  loss_ref = torch.nn.functional.mse_loss(ref(x_t, torch.from_numpy(t)), torch.from_numpy(e))
-  loss_ref.backward()
-  g_ref = {k: p.grad.numpy() for k, p in ref.named_parameters()}
-  loss, grads = jax.value_and_grad(diffusion.noise_loss)(
-      params, model.apply, linear_schedule(), jnp.asarray(nchw_to_nhwc(x0)), jnp.asarray(t),
-      jnp.asarray(nchw_to_nhwc(e)), jax.random.key(1))
-  g = flax_to_torch(grads)
-  assert abs(float(loss) - loss_ref.item()) <= 1e-6 * max(1.0, loss_ref.item())
+  loss_ref, g_ref, loss, g = _loss_and_grads(ref, UNet(**QUARTER, dropout_rate=1e-9), params,
+                                             *_batch(4), dropout_rng=jax.random.key(1))
+  assert abs(loss - loss_ref) <= 1e-6 * max(1.0, loss_ref)
   for key in ("Layer2.attention_layer.proj1.weight", None):  # The attention, then all.
     keys = [key] if key else list(g)
     diff = np.sqrt(sum(np.sum((g[k] - g_ref[k]) ** 2) for k in keys))
