@@ -12,6 +12,9 @@ from ddpm_jax.errors import UserError
 
 # Keys whose change makes a checkpoint's arrays or meaning incompatible.
 ARCHITECTURE_KEYS = ("model", "schedule", "data.image_size", "data.channels")
+# Keys under ARCHITECTURE_KEYS that a run can resume with another value of: they change
+# how the same arrays compute (compute dtype, dropout in training), not the arrays.
+RESUMABLE_MODEL_KEYS = ("model.dtype", "model.dropout_rate")
 NAN_POLICIES = ("stop", "skip")
 DTYPES = ("float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "cosine")
@@ -151,11 +154,15 @@ def flatten_config(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def check_resume_compatible(saved: ml_collections.ConfigDict,
                             config: ml_collections.ConfigDict) -> None:
-  """Refuses to resume a workdir with a config whose architecture or data shape differs."""
+  """Refuses to resume a workdir with a config whose architecture or data shape differs.
+
+  The optimizer's settings (clipping, warm-up, rate schedule), ``model.dtype`` and
+  ``model.dropout_rate`` may change: the checkpoint's arrays fit the new config.
+  """
   old, new = flatten_config(saved.to_dict()), flatten_config(config.to_dict())
   differing = [k for k in sorted(set(old) | set(new))
                if any(k == a or k.startswith(a + ".") for a in ARCHITECTURE_KEYS)
-               and old.get(k) != new.get(k)]
+               and k not in RESUMABLE_MODEL_KEYS and old.get(k) != new.get(k)]
   if differing:
     fixes = " ".join(f"--config.{k}={_flag_value(old.get(k))}" for k in differing)
     raise UserError(f"the workdir was trained with a different {', '.join(differing)}; "

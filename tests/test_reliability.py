@@ -537,6 +537,24 @@ def test_resuming_with_another_architecture_is_refused_and_nothing_changes(
   assert "from step 3" in resumed.stdout
 
 
+def test_resuming_with_another_compute_dtype_and_dropout_uses_them(reference, tmp_path,
+                                                                     capsys):
+  """model.dtype and model.dropout_rate change how the same arrays compute, not the arrays:
+  a run resumes with them (as the README's bfloat16 example does) and trains with them."""
+  workdir = reference.copy_at(3, tmp_path / "run")
+  changes = {"model.dtype": "bfloat16", "model.dropout_rate": 0.5, "num_train_steps": 4}
+  state = train_and_evaluate(_config(changes), str(workdir))
+  out = capsys.readouterr().out
+  assert "from step 3" in out and " parameters, bfloat16 compute, on " in out
+  saved = checkpoint.read_config(workdir)
+  assert (saved.model.dtype, saved.model.dropout_rate) == ("bfloat16", 0.5)
+  # Trained in bfloat16 with dropout from step 3: not the float32 run's step 4.
+  params = _leaves(state.params)
+  want = _leaves(reference.state(4))[1:1 + len(params)]
+  assert all(x.dtype == np.float32 for x in params)  # The params stay float32.
+  assert sum(not np.array_equal(x, y) for x, y in zip(params, want)) > len(params) // 2
+
+
 # Disk full ------------------------------------------------------------------------------
 
 # The CLI with orbax's commit of step 2 (the rename of its written <step>.orbax-checkpoint-tmp,
