@@ -8,6 +8,9 @@ Old steps are renamed into ``checkpoints/todelete/`` before they are deleted, so
 never leaves a half-deleted one either. Each checkpoint's JSON meta holds a CRC32 of every
 array, checked on restore: restoring tries the newest step first and falls back to older
 ones when a step cannot be read or does not match its checksums, deleting nothing.
+A step restores into the optimizer state of the config asking for it, whatever clipping,
+warm-up or rate schedule wrote it: its Adam moments and count carry over, so a run can
+resume with other optimizer settings and its older steps stay readable.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import sys
 import warnings
@@ -31,6 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ddpm_jax.errors import UserError
+from ddpm_jax.train_state import fit_opt_state, stored_opt_state_target
 
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -101,7 +106,9 @@ def manager(workdir: str | os.PathLike, keep: int = 3, read_only: bool = False
   absl_logger = logging.getLogger("absl")
   absl_logger.addFilter(_not_the_read_only_notice)
   try:
-    mngr = ocp.CheckpointManager(directory, options=options)
+    # Handlers named up front, so that a step's tree metadata can be read before a restore.
+    mngr = ocp.CheckpointManager(directory, options=options, item_handlers={
+        "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
   finally:
     absl_logger.removeFilter(_not_the_read_only_notice)
   if not read_only:
@@ -118,6 +125,14 @@ def _checksums(state: Any) -> dict[str, int]:
   leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state))
   return {jax.tree_util.keystr(path): zlib.crc32(np.ascontiguousarray(x))
           for path, x in leaves}
+
+
+def _plain_key(key: str) -> str:
+  """A checksum's key whatever containers held the array: ``.opt_state[0].count`` (as
+  saved, from optax's named tuple) and ``.opt_state[0]['count']`` (as restored from the
+  checkpoint's own tree) both become ``.opt_state.0.count``."""
+  return re.sub(r"\[(?:'([^']*)'|(\d+))\]", lambda m: "." + (m[1] if m[1] is not None else m[2]),
+                key)
 
 
 def _write_error(mngr: ocp.CheckpointManager, step: int, error: Exception) -> UserError:
@@ -188,17 +203,33 @@ def _quiet_failed_reads():
 
 
 def _restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
+  """``(state, meta)`` at ``step``, checked against its checksums, with the shapes and
+  shardings of ``abstract_state`` (a ``TrainState``) but the ``opt_state`` tree the
+  checkpoint holds: its optimizer may have been another chain (see :func:`_fit`)."""
   with _quiet_failed_reads():
+    stored = mngr.item_metadata(step)["state"]
+    if stored is None:
+      raise ValueError("the checkpoint has no state")
+    target = abstract_state.replace(opt_state=stored_opt_state_target(
+        stored.tree["opt_state"], abstract_state.opt_state))
     restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   meta = dict(restored["meta"] or {})
   expected = meta.pop(_CHECKSUMS, None)
   if expected is not None:
-    bad = [k for k, v in _checksums(restored["state"]).items() if expected.get(k) != v]
+    expected = {_plain_key(k): v for k, v in expected.items()}
+    bad = [k for k, v in _checksums(restored["state"]).items() if expected.get(_plain_key(k)) != v]
     if bad:
       raise ValueError(f"{len(bad)} array(s) do not match their checksums, e.g. "
                        f"state{bad[0]}")
   return restored["state"], meta
+
+
+def _fit(state: Any, abstract_state: Any) -> Any:
+  """A restored ``state`` with the optimizer state of ``abstract_state``'s optimizer: the
+  checkpoint's Adam moments and count in it, whatever clipping, warm-up or decay the run
+  had then (``train_state.fit_opt_state``)."""
+  return state.replace(opt_state=fit_opt_state(state.opt_state, abstract_state.opt_state))
 
 
 def _reason(error: BaseException) -> str:
@@ -215,7 +246,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
                    set_aside: bool = False) -> tuple[int, Any, dict] | None:
   """``(step, state, meta)`` of the newest readable checkpoint, or None if there is none.
 
-  A step that cannot be read (a truncated or missing file, another tree, an array that does
+  ``abstract_state`` is a ``TrainState`` of abstract arrays; ``state`` has its structure,
+  the checkpoint's Adam state in its optimizer's state. A step that cannot be read (a truncated or missing file, another tree, an array that does
   not match its checksum) is skipped and reported in one line on stderr. With ``set_aside``
   (training, which writes those steps again) the skipped steps are moved to
   ``DIR/checkpoints_unreadable/``. Nothing is deleted. If no step can be read,
@@ -241,7 +273,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
             f"and used step {step}", file=sys.stderr, flush=True)
     if set_aside and problems:
       mngr.reload()
-    return step, state, meta
+    return step, _fit(state, abstract_state), meta
   details = "; ".join(f"step {step}: {reason}" for step, reason in problems)
   raise UserError(f"no readable checkpoint in {directory} ({details}); move the checkpoints "
                   "directory away to start afresh")
@@ -257,10 +289,11 @@ def restore_step(mngr: ocp.CheckpointManager, step: int, abstract_state: Any
   if step not in steps:
     raise UserError(f"{mngr.directory} has no checkpoint at step {step}; its steps: {kept}")
   try:
-    return _restore(mngr, step, abstract_state)
+    state, meta = _restore(mngr, step, abstract_state)
   except Exception as e:  # orbax/tensorstore raise many types for a damaged checkpoint.
     raise UserError(f"checkpoint step {step} in {mngr.directory} is unreadable ({_reason(e)}); "
                     f"its steps: {kept}") from e
+  return _fit(state, abstract_state), meta
 
 
 def _set_aside(path: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:

@@ -277,18 +277,33 @@ def _num_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   return config.num_epochs * steps_per_epoch
 
 
-def _prepare_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  """Creates the workdir, refuses an incompatible config, and writes ``config.json``."""
+def _check_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Refuses, before anything is written, a workdir whose entries are of the wrong kind (a
+  file named ``checkpoints``, a directory named ``metrics.jsonl``) or whose config the
+  run cannot resume with."""
+  entries = {checkpoint.CHECKPOINTS: True, checkpoint.METRICS_FILE: False,
+             checkpoint.CONFIG_FILE: False, checkpoint.SAMPLES: True, checkpoint.PROFILE: True}
+  if not config.sample_every_steps:
+    del entries[checkpoint.SAMPLES]
+  if not config.profile_steps:
+    del entries[checkpoint.PROFILE]
+  for name, is_dir in entries.items():
+    path = workdir / name
+    if path.exists() and path.is_dir() != is_dir:
+      want, got = ("directory", "file") if is_dir else ("file", "directory")
+      raise UserError(f"{path} is a {got}, not a {want}; move it away or use another --workdir")
+  if (workdir / checkpoint.CONFIG_FILE).is_file():
+    check_resume_compatible(checkpoint.read_config(workdir), config)
+
+
+def _create_workdir(workdir: pathlib.Path) -> None:
+  """Creates the workdir (and its parents); refuses one this process cannot write in."""
   try:
     workdir.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise UserError(f"cannot create workdir {workdir}: {e.strerror}") from e
   if not os.access(workdir, os.W_OK):
     raise UserError(f"workdir {workdir} is not writable")
-  if (workdir / checkpoint.CONFIG_FILE).is_file():
-    check_resume_compatible(checkpoint.read_config(workdir), config)
-  if jax.process_index() == 0:
-    files.write_text_atomic(workdir / checkpoint.CONFIG_FILE, checkpoint.config_to_json(config))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -299,6 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     raise UserError(f"init_torch_checkpoint {config.init_torch_checkpoint} is not a file; give "
                     "the original's checkpoint, e.g. checkpoints/ddpm_checkpoint")
   workdir = pathlib.Path(workdir)
+  _check_workdir(config, workdir)
   replicated = NamedSharding(mesh, P())
   # A new workdir starting from the original's checkpoint is created only once that file
   # has been read and found to fit the model: a refused one leaves no workdir behind.
@@ -310,11 +326,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if len(images) < config.batch_size:  # Said before anything compiles.
     raise UserError(f"the data set has {len(images)} images, fewer than one batch of "
                     f"{config.batch_size}; lower batch_size")
-  _prepare_workdir(config, workdir)
+  _create_workdir(workdir)
 
   mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
   try:
     # Unreadable steps newer than the one restored are set aside: this run writes them again.
+    # The checkpoint's Adam state goes into this config's optimizer, whatever clipping,
+    # warm-up or decay wrote it.
     abstract = checkpoint.with_sharding(abstract_train_state(config), replicated)
     found = checkpoint.restore_latest(mngr, abstract, set_aside=True)
     if found is None and config.init_torch_checkpoint:
@@ -328,6 +346,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     else:
       start_step, state, _ = found
       print(f"Resuming {workdir} from step {start_step}", flush=True)
+    # Written once the state is in hand: a resume refused until here leaves the config that
+    # describes the workdir's checkpoints.
+    if jax.process_index() == 0:
+      files.write_text_atomic(workdir / checkpoint.CONFIG_FILE, checkpoint.config_to_json(config))
     return _train(config, workdir, mngr, images, state, start_step, found is not None, mesh)
   finally:
     # Waits for a save still running when an error came (its own error, if any, is dropped).

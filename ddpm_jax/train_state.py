@@ -70,6 +70,64 @@ def learning_rate_at(count: int, learning_rate: float, warmup_steps: int = 0,
   return learning_rate
 
 
+def _is_adam(node: Any) -> bool:
+  """An Adam state: optax's, or as orbax reads one back without a target (a dict)."""
+  return isinstance(node, optax.ScaleByAdamState) or (
+      isinstance(node, dict) and set(node) == {"count", "mu", "nu"})
+
+
+def _adam_nodes(opt_state: Any) -> list[Any]:
+  return [n for n in jax.tree.leaves(opt_state, is_leaf=_is_adam) if _is_adam(n)]
+
+
+def stored_opt_state_target(stored: Any, abstract_opt_state: Any) -> Any:
+  """What to restore a checkpoint's ``opt_state`` into, whatever optimizer chain wrote it.
+
+  ``stored`` is its tree as the checkpoint describes it (array metadata leaves, dicts and
+  lists for optax's named tuples); ``abstract_opt_state`` is the current optimizer's
+  abstract state. The stored Adam state takes the shapes, dtypes and shardings of the
+  current one, any other array (a schedule's count) those of its count. Raises
+  ``ValueError`` unless the checkpoint holds exactly one Adam state.
+  """
+  found = _adam_nodes(stored)
+  if len(found) != 1:
+    raise ValueError(f"the checkpoint's opt_state holds {len(found)} Adam states (count, mu, "
+                     "nu), not one")
+  (adam,) = _adam_nodes(abstract_opt_state)
+
+  def target(node):
+    if _is_adam(node):
+      return {"count": adam.count, "mu": adam.mu, "nu": adam.nu}
+    return jax.ShapeDtypeStruct(node.shape, node.dtype, sharding=adam.count.sharding)
+  return jax.tree.map(target, stored, is_leaf=_is_adam)
+
+
+def fit_opt_state(stored: Any, opt_state: Any) -> Any:
+  """``opt_state``'s tree (an optimizer's state, or its abstract) holding the Adam state of
+  ``stored``, a checkpoint's opt_state restored into :func:`stored_opt_state_target`.
+
+  Adam's moments and count carry over from whatever optimizer chain wrote the checkpoint
+  (clipping, warm-up and decay hold no other state); a schedule's count is a copy of
+  Adam's, so the rate goes on from the step the run reached.
+  """
+  (adam,) = _adam_nodes(stored)
+  adam = optax.ScaleByAdamState(**adam) if isinstance(adam, dict) else adam
+  known = (optax.ScaleByAdamState, optax.ScaleByScheduleState, optax.EmptyState)
+
+  def fit(node):
+    if isinstance(node, optax.ScaleByAdamState):
+      return adam
+    if isinstance(node, optax.ScaleByScheduleState):
+      # Its own buffer: the train step donates every leaf of the state.
+      return node._replace(count=jax.device_put(adam.count, adam.count.sharding,
+                                                may_alias=False))
+    if isinstance(node, optax.EmptyState):
+      return node
+    raise TypeError(f"cannot carry a {type(node).__name__} over from a checkpoint; "
+                    "fit_opt_state knows only the states of make_optimizer")
+  return jax.tree.map(fit, opt_state, is_leaf=lambda n: isinstance(n, known))
+
+
 def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
   """A fresh state at step 0; the EMA starts as a copy of the params (timm's ModelEmaV3)."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),

@@ -537,6 +537,47 @@ def test_resuming_with_another_architecture_is_refused_and_nothing_changes(
   assert "from step 3" in resumed.stdout
 
 
+def test_resuming_with_other_optimizer_settings_works_and_keeps_old_steps_readable(
+    reference, tmp_path):
+  """As the non-finite-loss message advises: resume with clipping (a chain around Adam), a
+  warm-up and a cosine decay. The old steps, written by plain Adam, still sample."""
+  workdir = reference.copy_at(3, tmp_path / "run")
+  changes = {"grad_clip_norm": 1.0, "warmup_steps": 2, "lr_schedule": "cosine",
+             "num_train_steps": 5}
+  result = _run(_cli(workdir, changes))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _messages(result.stderr) == [] and "from step 3" in result.stdout
+  saved = checkpoint.read_config(workdir)
+  assert (saved.grad_clip_norm, saved.warmup_steps, saved.lr_schedule) == (1.0, 2, "cosine")
+  assert _steps(workdir) == [3, 4, 5]
+  for step in (3, 5):
+    _, _, state = checkpoint.load_run_state(workdir, step=step)
+    assert int(state.opt_state[1][0].count) == int(state.opt_state[1][1].count) == step
+  # Step 3 as the reference wrote it: its Adam state is the one in the chain's state.
+  _, _, at_3 = checkpoint.load_run_state(workdir, step=3)
+  _assert_same(_leaves((at_3.step, at_3.params, at_3.opt_state[1][0], at_3.ema_params,
+                        at_3.rng)), reference.state(3))
+  sampled = _run([sys.executable, "-m", "ddpm_jax.sample", "--workdir", str(workdir), "--step",
+                  "3", "--num_samples", "2", "--sampler", "ddim", "--num_steps", "2", "--seed",
+                  "0", "--out", str(tmp_path / "s.png")])
+  assert sampled.returncode == 0, sampled.stderr[-3000:]
+  assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_a_resume_that_cannot_restore_writes_nothing(reference, tmp_path):
+  """config.json is written only once a checkpoint is restored: a refused resume with other
+  optimizer settings leaves the config that describes the workdir's checkpoints."""
+  workdir = reference.copy_at(3, tmp_path / "run")
+  for step in _steps(workdir):
+    DAMAGE["empty_step_dir"](workdir / checkpoint.CHECKPOINTS / str(step))
+  before = _listing(workdir)
+  result = _run(_cli(workdir, {"grad_clip_norm": 1.0}))
+  assert result.returncode == 2, result.stderr[-3000:]
+  messages = _messages(result.stderr)
+  assert len(messages) == 1 and messages[0].startswith("error: no readable checkpoint in ")
+  assert _listing(workdir) == before
+
+
 def test_resuming_with_another_compute_dtype_and_dropout_uses_them(reference, tmp_path,
                                                                      capsys):
   """model.dtype and model.dropout_rate change how the same arrays compute, not the arrays:
@@ -553,6 +594,24 @@ def test_resuming_with_another_compute_dtype_and_dropout_uses_them(reference, tm
   want = _leaves(reference.state(4))[1:1 + len(params)]
   assert all(x.dtype == np.float32 for x in params)  # The params stay float32.
   assert sum(not np.array_equal(x, y) for x, y in zip(params, want)) > len(params) // 2
+
+
+@pytest.mark.parametrize("name, make, message", [
+    ("checkpoints", lambda p: p.write_text(""), "is a file, not a directory"),
+    ("metrics.jsonl", lambda p: p.mkdir(), "is a directory, not a file"),
+    ("config.json", lambda p: p.mkdir(), "is a directory, not a file"),
+])
+def test_a_workdir_entry_of_the_wrong_kind_is_refused_before_training(name, make, message,
+                                                                       tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  make(workdir / name)
+  before = _listing(workdir)
+  with pytest.raises(UserError, match=f"^{workdir / name} {message}; move it away or use "
+                     "another --workdir$"):
+    train_and_evaluate(_config(), str(workdir))
+  assert _listing(workdir) == before
+  assert sorted(p.name for p in workdir.iterdir()) == [name]
 
 
 # Disk full ------------------------------------------------------------------------------

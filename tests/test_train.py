@@ -12,6 +12,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from PIL import Image
@@ -20,7 +21,8 @@ from ddpm_jax import checkpoint, images, profiling, sampling
 from ddpm_jax.model import build_unet
 from ddpm_jax.schedule import linear_schedule
 from ddpm_jax.train import abstract_train_state, sample_grid_path, train_and_evaluate
-from ddpm_jax.train_state import ema_update, learning_rate_at, make_optimizer
+from ddpm_jax.train_state import (ema_update, fit_opt_state, learning_rate_at, make_optimizer,
+                                  stored_opt_state_target)
 from tests.conftest import micro_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +55,76 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, capsys):
   assert [(l["step"], l.get("resumed_from")) for l in lines] == [
       (2, None), (3, None), (4, 3), (6, None)]
   assert config.num_train_steps == 6
+
+
+OPTIMIZER_SETTINGS = [{}, {"grad_clip_norm": 1.0}, {"warmup_steps": 2}, {"decay_steps": 6},
+                      {"grad_clip_norm": 1.0, "warmup_steps": 2, "decay_steps": 6}]
+
+
+@pytest.mark.parametrize("old", OPTIMIZER_SETTINGS)
+def test_fit_opt_state_carries_adam_into_every_optimizer_setting(old):
+  params = {"w": jnp.arange(3.0), "b": jnp.ones((2, 2))}
+  tx = make_optimizer(1e-3, **old)
+  opt_state = tx.init(params)
+  for k in range(3):
+    _, opt_state = tx.update(jax.tree.map(lambda p: p * (k + 1), params), opt_state, params)
+  # Its Adam state as orbax reads a checkpoint back without optax's types: a dict.
+  is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)
+  stored = jax.tree.map(lambda s: dict(s._asdict()) if is_adam(s) else s, opt_state,
+                        is_leaf=is_adam)
+  (adam,) = [s for s in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(s)]
+  for new in OPTIMIZER_SETTINGS:
+    new_tx = make_optimizer(1e-3, **new)
+    fitted = fit_opt_state(stored, new_tx.init(params))
+    assert jax.tree.structure(fitted) == jax.tree.structure(new_tx.init(params))
+    adams = [s for s in jax.tree.leaves(fitted, is_leaf=is_adam) if is_adam(s)]
+    assert len(adams) == 1
+    for x, y in zip(_leaves(adams[0]), _leaves(adam), strict=True):
+      np.testing.assert_array_equal(x, y)
+    counts = [s.count for s in jax.tree.leaves(fitted, is_leaf=lambda s: isinstance(
+        s, optax.ScaleByScheduleState)) if isinstance(s, optax.ScaleByScheduleState)]
+    assert [int(c) for c in counts] == [3] * ("warmup_steps" in new or "decay_steps" in new)
+  with pytest.raises(ValueError, match="the checkpoint's opt_state holds 0 Adam states"):
+    stored_opt_state_target([None], jax.eval_shape(tx.init, params))
+
+
+def _assert_close(xs, ys, rtol=1e-4):
+  """Leaf by leaf, ``|x - y| <= rtol |y|`` in the L2 norm: another XLA program (a clip, a
+  schedule) rounds differently, while a lost Adam moment, count or schedule count is off
+  by tens of percent."""
+  xs, ys = _leaves(xs), _leaves(ys)
+  assert len(xs) == len(ys)
+  for x, y in zip(xs, ys):
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    assert np.linalg.norm(x - y) <= rtol * np.linalg.norm(y), (x, y)
+
+
+def test_resuming_with_other_optimizer_settings_carries_adam_over(tmp_path):
+  """A run resumed with clipping and a warm-up added, then with them removed again, keeps
+  Adam's moments and count and the schedule's count: clipping at 1e9 never clips, and a
+  1-step warm-up whose count goes on from step 2 is at the full rate, so both legs follow
+  a run that never changed (to float32 rounding: they are other XLA programs). Every
+  checkpoint stays readable, whichever optimizer wrote it."""
+  straight = train_and_evaluate(micro_config(num_train_steps=6), str(tmp_path / "a"))
+  workdir = tmp_path / "b"
+  train_and_evaluate(micro_config(num_train_steps=2), str(workdir))
+  chained = train_and_evaluate(micro_config(num_train_steps=4, grad_clip_norm=1e9,
+                                            warmup_steps=1), str(workdir))
+  clip_state, (adam, schedule) = chained.opt_state
+  assert isinstance(clip_state, optax.EmptyState)
+  assert int(adam.count) == int(schedule.count) == 4
+  _, _, at_4 = checkpoint.load_run_state(tmp_path / "a", step=4)
+  _assert_close((chained.params, adam.mu, adam.nu, chained.ema_params),
+                (at_4.params, at_4.opt_state[0].mu, at_4.opt_state[0].nu, at_4.ema_params))
+  resumed = train_and_evaluate(micro_config(num_train_steps=6), str(workdir))
+  assert int(resumed.opt_state[0].count) == 6
+  _assert_close(resumed, straight)
+  # config.json says plain Adam now; the checkpoint the chain wrote is read into it.
+  for step in (2, 4, 6):
+    config, _, state = checkpoint.load_run_state(workdir, step=step)
+    assert config.grad_clip_norm == 0.0 and config.warmup_steps == 0
+    assert int(state.opt_state[0].count) == step
+    _assert_close(state, checkpoint.load_run_state(tmp_path / "a", step=step)[2])
 
 
 def test_read_metrics_keeps_the_resumed_runs_line_for_a_step_logged_twice(tmp_path,
