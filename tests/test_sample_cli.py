@@ -153,7 +153,7 @@ def test_workdir_round_trip(tmp_path):
       [sys.executable, "-m", "ddpm_jax.train", "--config", "configs/mnist_tiny.py",
        "--workdir", str(workdir), "--config.num_train_steps=3", "--config.batch_size=4",
        "--config.schedule.num_steps=50", "--config.model.time_steps=50",
-       "--config.checkpoint_every_steps=1"],
+       "--config.checkpoint_every_steps=1", "--config.lr_schedule=constant"],
       env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=ROOT, capture_output=True, text=True,
       timeout=600, check=False)
   assert train.returncode == 0, train.stderr[-2000:]
