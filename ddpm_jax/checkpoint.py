@@ -206,12 +206,12 @@ def _restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tup
   """``(state, meta)`` at ``step``, checked against its checksums, with the shapes and
   shardings of ``abstract_state`` (a ``TrainState``) but the ``opt_state`` tree the
   checkpoint holds: its optimizer may have been another chain (see :func:`_fit`)."""
+  stored = mngr.item_metadata(step)["state"]
+  if stored is None:
+    raise ValueError("the checkpoint has no state")
+  target = abstract_state.replace(opt_state=stored_opt_state_target(
+      stored.tree["opt_state"], abstract_state.opt_state))
   with _quiet_failed_reads():
-    stored = mngr.item_metadata(step)["state"]
-    if stored is None:
-      raise ValueError("the checkpoint has no state")
-    target = abstract_state.replace(opt_state=stored_opt_state_target(
-        stored.tree["opt_state"], abstract_state.opt_state))
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   meta = dict(restored["meta"] or {})
