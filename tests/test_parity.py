@@ -85,7 +85,8 @@ def test_initial_parameters_follow_pytorchs_defaults():
     if weight.ndim == 1:  # GroupNorm.
       np.testing.assert_array_equal(value, 1.0 if key.endswith("weight") else 0.0)
       continue
-    fan_in = torch.nn.init._calculate_fan_in_and_fan_out(weight)[0]  # pylint: disable=protected-access
+    # PyTorch's own fan_in rule (a ConvTranspose2d's from its output channels).
+    fan_in = torch.nn.init._calculate_fan_in_and_fan_out(weight)[0]  # pylint: disable=W0212
     bound = 1 / np.sqrt(fan_in)
     limit = bound * (1 + 1e-6)  # The float32 bound may round up.
     assert np.abs(value).max() <= limit and ref_value.abs().max() <= limit, key
