@@ -4,10 +4,10 @@
       OUT/bench_sample64.json OUT/bench_train256.json OUT/bench_sample256.json
 
 For measurements split into parts (``--parts``, ``--batch_sizes``), as
-``scripts/gpu_bench.sh`` does: the rows are concatenated, the ratios, MFU and the
-performance issue's targets taken over all of them, and the tables printed as
-``bench.py`` prints them. Each sampling row keeps its speed-up over the original's loop
-timed in its own run. The runs must share the device and the model.
+``scripts/gpu_bench.sh`` does: the rows are concatenated, each run's JAX/torch ratios
+taken within that run, MFU recomputed from the model's FLOPs, the performance issue's
+targets taken over all of them, and the tables printed as ``bench.py`` prints them. Each
+sampling row keeps its speed-up over the original's loop timed in its own run. The runs must share the device and the model.
 """
 
 from __future__ import annotations
@@ -49,7 +49,11 @@ def merge_documents(docs: list[dict], names: list[str]) -> dict:
                         "runs of one device and one model")
   train = [r for doc in docs for r in doc["train"]]
   sampling = [r for doc in docs for r in doc["sampling"]]
-  ratios = bench.train_ratios(train)
+  # MFU again, from the model's FLOPs (documents of before that rule took XLA's count).
+  bench.add_mfu(train, first["flops"]["analytic_train_flops_per_img"], first["device"]["kind"],
+                first["device"]["platform"] == "gpu")
+  # Each run's JAX rows against the torch rows of the same run, never of another.
+  ratios = [r for doc in docs for r in bench.train_ratios(doc["train"])]
   breakdowns = [doc["breakdown"] for doc in docs if doc["breakdown"]["jax"]]
   seeds = [doc["flops"]["seed_unet"] for doc in docs if doc["flops"]["seed_unet"]]
   applicable = all(doc["targets_applicable"] for doc in docs)

@@ -265,6 +265,38 @@ def test_merging_parts_gives_back_the_whole_run(quick, tmp_path):
 
 
 @pytest.mark.slow
+def test_merge_takes_ratios_within_each_run_and_mfu_from_the_model_flops(quick, tmp_path):
+  """Two runs on an H100 (the quick run relabelled, its torch step 2x slower in the
+  second): each JAX row is compared with its own run's torch row, and MFU is the analytic
+  train FLOPs x img/s over the dtype's peak, whatever MFU the input documents held."""
+  doc, _ = quick
+  gpu = dict(doc["device"], platform="gpu", kind="NVIDIA H100 80GB HBM3")
+  first = dict(doc, device=gpu,
+               train=[dict(r, mfu=0.5) if r["framework"] == "jax" else r for r in doc["train"]])
+  second = dict(first, train=[dict(r, img_per_s=r["img_per_s"] / 2)
+                              if r["framework"] == "torch" and r["status"] == "ok" else r
+                              for r in first["train"]])
+  paths = [tmp_path / "first.json", tmp_path / "second.json"]
+  for path, part in zip(paths, (first, second)):
+    path.write_text(json.dumps(part))
+  proc = _merge("--json", tmp_path / "merged.json", *paths)
+  assert proc.returncode == 0, proc.stderr
+  merged = json.loads((tmp_path / "merged.json").read_text())
+  own = {r["dtype"]: r["jax_over_eager"] for r in doc["train_ratios"]}
+  assert [r["dtype"] for r in merged["train_ratios"]] == 2 * list(own)
+  assert [r["jax_over_eager"] for r in merged["train_ratios"]] == pytest.approx(
+      list(own.values()) + [2 * v for v in own.values()])
+  peaks = {"float32": 494e12, "bfloat16": 989e12}  # H100 SXM: TF32, bfloat16.
+  flops = doc["flops"]["analytic_train_flops_per_img"]
+  for r in merged["train"]:
+    if r["framework"] == "jax":
+      assert r["mfu"] == pytest.approx(flops * r["img_per_s"] / peaks[r["dtype"]])
+      assert r["mfu_peak"]["flops_per_s"] == peaks[r["dtype"]]
+  eager_target = merged["targets"][0]
+  assert eager_target["name"].endswith("JAX / torch eager") and eager_target["met"] is None
+
+
+@pytest.mark.slow
 def test_gpu_bench_script_leaves_its_files_when_a_part_runs_out_of_time(tmp_path):
   """``scripts/gpu_bench.sh``, the one device call of BENCHMARKS.md, run on the CPU with
   CI-sized flags and its batch-256 sampler part given 1 s (less than its imports): that
