@@ -11,7 +11,7 @@
 #   scripts/gpu_bench.sh OUTDIR [CONFIG [bench.py flags...]]
 #
 # CONFIG defaults to configs/mnist.py (the original UNET). GPU_BENCH_LIMITS overrides the
-# parts' limits in seconds (default "75 215 50 95 45 75": 555 s in all, from what each part
+# parts' limits in seconds (default "75 240 50 95 45 60": 565 s in all, from what each part
 # took on the H100 of BENCHMARKS.md, with a margin). Writes OUTDIR/bench_<part>.json for
 # the bench parts, OUTDIR/bench.log (every part's output), OUTDIR/loop_metrics.jsonl and
 # OUTDIR/bench_gpu.json, the bench parts merged (8 files, as many as a device call returns).
@@ -28,7 +28,7 @@ export PYTHONUNBUFFERED=1
 # train step that train64 compiled (each bench part's own programs differ in shape).
 cache=$(mktemp -d)
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$cache}
-read -r -a limits <<< "${GPU_BENCH_LIMITS:-75 215 50 95 45 75}"
+read -r -a limits <<< "${GPU_BENCH_LIMITS:-75 240 50 95 45 60}"
 if [ "${#limits[@]}" -ne 6 ]; then
   echo "error: GPU_BENCH_LIMITS needs six numbers of seconds, got '${GPU_BENCH_LIMITS}'" >&2
   exit 2

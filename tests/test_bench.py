@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import load_config_file
+from tests.conftest import load_config_file, micro_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = "configs/mnist_tiny.py"
@@ -161,7 +161,9 @@ def test_flops_near_the_analytic_count(quick):
 
 @pytest.mark.slow
 def test_breakdown_and_targets(quick):
-  doc, _ = quick
+  import jax  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+  doc, stdout = quick
   b = doc["breakdown"]
   assert b["batch"] == 8
   for part in ("forward_ms", "optimizer_ema_ms", "step_ms"):
@@ -172,6 +174,15 @@ def test_breakdown_and_targets(quick):
   assert b["jax"]["step_ms"] == jax_row["step_ms"]
   assert b["jax"]["backward_ms"] == pytest.approx(
       b["jax"]["step_ms"] - b["jax"]["forward_ms"] - b["jax"]["optimizer_ema_ms"])
+  variants = b["jax"]["update_variants"]
+  assert [v["variant"] for v in variants] == ["optax", "one map per leaf", "flat"]
+  # GB/s is the least traffic (9 float32 arrays of the model's size) over the time.
+  tiny = load_config_file(ROOT / TINY)
+  size = sum(math.prod(p.shape) for p in jax.tree.leaves(
+      train.abstract_train_state(tiny).params))
+  for v in variants:
+    assert _positive(v["ms"]) and v["gb_per_s"] == pytest.approx(9 * 4 * size / v["ms"] / 1e6)
+    assert f"| {v['variant']} | {v['ms']:.2f} |" in stdout
   # The profiler trace of the same step: op time by phase, module and op, per step.
   profile = jax_row["profile"]
   assert profile["steps"] == 3 and profile["trace_dir"] is None
@@ -186,6 +197,36 @@ def test_breakdown_and_targets(quick):
   # The issue's targets are for the original UNET at batch 64/256 on a GPU: listed only.
   assert not doc["targets_applicable"] and len(doc["targets"]) == 5
   assert all(t["measured"] is None and t["met"] is None for t in doc["targets"])
+
+
+def test_update_variants_compute_optax_adam_and_the_ema(monkeypatch):
+  """The optimizer+EMA update written as one map per leaf and as one flat vector gives,
+  after three steps, what optax's Adam and the tree-mapped EMA give (the train step's)."""
+  monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+  import bench  # pylint: disable=g-import-not-at-top,import-error
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  config = micro_config(ema_decay=0.9)  # An EMA that moves well above float32's rounding.
+  initial = bench.train.create_train_state(config)
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  grads = [jax.tree.map(lambda p, k=k: jax.random.normal(k, p.shape), initial.params)
+           for k in keys]
+  states = {}
+  for variant in bench.UPDATE_VARIANTS:
+    update, state = jax.jit(bench.update_variant(config, variant)), initial
+    for g in grads:
+      state = update(state, g)
+    states[variant] = state
+  expected = jax.tree.leaves(states["optax"])
+  for variant in bench.UPDATE_VARIANTS[1:]:
+    state = states[variant]
+    assert jax.tree.structure(state) == jax.tree.structure(states["optax"]), variant
+    assert int(state.step) == 3
+    for got, want in zip(jax.tree.leaves(state), expected):
+      np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-8, err_msg=variant)
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(abs(a - b).max()),
+                                       states["optax"].ema_params, initial.ema_params))
+  assert min(moved) > 1e-5  # Three real steps: the check above compares moved numbers.
 
 
 def test_user_errors_are_one_line(tmp_path):
