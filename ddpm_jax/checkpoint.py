@@ -250,8 +250,9 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
   the checkpoint's Adam state in its optimizer's state. A step that cannot be read (a
   truncated or missing file, another tree, an array that does not match its checksum) is
   skipped and reported in one line on stderr. With ``set_aside`` (training, which writes
-  those steps again) the skipped steps are moved to ``DIR/checkpoints_unreadable/``. Nothing is deleted. If no step can be read,
-  :class:`UserError` says so and nothing is moved.
+  those steps again) the skipped steps are moved to ``DIR/checkpoints_unreadable/``.
+  Nothing is deleted. If no step can be read, :class:`UserError` says so and nothing is
+  moved.
   """
   mngr.reload()
   steps = sorted(mngr.all_steps(), reverse=True)

@@ -51,7 +51,8 @@ def loss(params: Any, apply_fn: ApplyFn, schedule: Schedule, x0: jax.Array,
 
 def ddpm_mean(schedule: Schedule, z: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
   """The original's mean update at step ``t`` (scalar or ``[B]``), given the model's ``eps``."""
-  return _per_example(schedule.ddpm_z_coef, t, z) * z - _per_example(schedule.ddpm_eps_coef, t, z) * eps
+  return (_per_example(schedule.ddpm_z_coef, t, z) * z
+          - _per_example(schedule.ddpm_eps_coef, t, z) * eps)
 
 
 def ddpm_step(schedule: Schedule, z: jax.Array, t: jax.Array, eps: jax.Array,

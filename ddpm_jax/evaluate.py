@@ -42,13 +42,13 @@ import numpy as np
 import scipy.linalg
 
 from ddpm_jax import data
+from ddpm_jax.data import DATA_RANGES
 from ddpm_jax.errors import ArgumentParser, UserError, run_cli
 
 CLASSIFIER_PATH = pathlib.Path(__file__).parent / "assets" / "classifier.msgpack"
 IMAGE_SHAPE = (32, 32, 1)
 NUM_CLASSES = 10
 CONFIDENT = 0.9
-DATA_RANGES = ("zero_one", "minus_one_one")
 REFERENCES = ("bundled",)
 
 
