@@ -293,7 +293,14 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
       want, got = ("directory", "file") if is_dir else ("file", "directory")
       raise UserError(f"{path} is a {got}, not a {want}; move it away or use another --workdir")
   if (workdir / checkpoint.CONFIG_FILE).is_file():
-    check_resume_compatible(checkpoint.read_config(workdir), config)
+    saved = checkpoint.read_config(workdir)
+    check_resume_compatible(saved, config)
+    checkpoints = workdir / checkpoint.CHECKPOINTS
+    if saved.get("seed") != config.seed and checkpoints.is_dir() and any(checkpoints.iterdir()):
+      print(f"note: {workdir} was trained with seed {saved.get('seed')}; resuming with seed "
+            f"{config.seed}, the checkpoint's noise key carries on and the batches follow seed "
+            f"{config.seed}, so the run is neither seed's uninterrupted run",
+            file=sys.stderr, flush=True)
 
 
 def _create_workdir(workdir: pathlib.Path) -> None:

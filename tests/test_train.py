@@ -43,7 +43,9 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, capsys):
   assert list((tmp_path / "a" / "profile").glob("plugins/profile/*/*.xplane.pb"))
   assert "Step 6 | profile of steps 6..6 -> " in capsys.readouterr().out
   train_and_evaluate(micro_config(num_train_steps=3), str(tmp_path / "b"))
+  capsys.readouterr()
   resumed = train_and_evaluate(micro_config(num_train_steps=6), str(tmp_path / "b"))
+  assert "note:" not in capsys.readouterr().err
   assert int(straight.step) == int(resumed.step) == 6
   for x, y in zip(_leaves(straight), _leaves(resumed), strict=True):
     np.testing.assert_array_equal(x, y)
@@ -55,6 +57,16 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, capsys):
   assert [(l["step"], l.get("resumed_from")) for l in lines] == [
       (2, None), (3, None), (4, 3), (6, None)]
   assert config.num_train_steps == 6
+
+
+def test_resuming_under_another_seed_says_what_that_does(tmp_path, capsys):
+  train_and_evaluate(micro_config(num_train_steps=2), str(tmp_path))
+  capsys.readouterr()
+  train_and_evaluate(micro_config(num_train_steps=3, seed=7), str(tmp_path))
+  err = capsys.readouterr().err
+  assert (f"note: {tmp_path} was trained with seed 0; resuming with seed 7, the checkpoint's "
+          "noise key carries on and the batches follow seed 7") in err
+  assert len([line for line in err.splitlines() if line.startswith("note:")]) == 1
 
 
 OPTIMIZER_SETTINGS = [{}, {"grad_clip_norm": 1.0}, {"warmup_steps": 2}, {"decay_steps": 6},
