@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import time
 from typing import Any, Mapping, Sequence
 
@@ -208,6 +209,29 @@ def _num_steps(args: argparse.Namespace, num_train_steps: int) -> int:
   return args.num_steps
 
 
+def host_bytes_available() -> int | None:
+  """Memory the OS can give this process now (Linux's MemAvailable), or None if unknown."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  return None
+
+
+def _check_host_memory(num_samples: int, image_shape: tuple[int, ...]) -> None:
+  """Refuses a ``--num_samples`` whose images (float32, and the grid made of them) would
+  not fit in the host's available memory, before any sampling."""
+  need = 2 * num_samples * math.prod(image_shape) * 4
+  available = host_bytes_available()
+  if available is not None and need > available:
+    raise UserError(f"--num_samples {num_samples} needs ~{need / 2**30:.1f} GiB of host memory "
+                    f"for its images, more than the {available / 2**30:.1f} GiB available; "
+                    "sample fewer per command (several commands with other --seed values)")
+
+
 def generate(run: Sampleable, sampler: str, num_steps: int, eta: float, seed: int,
              num_samples: int, batch_size: int, strip_rows: int = 0,
              clip_denoised: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
@@ -231,18 +255,25 @@ def generate(run: Sampleable, sampler: str, num_steps: int, eta: float, seed: in
   with tqdm(total=num_batches * num_steps, unit="step",
             desc=f"{sampler}-{num_steps}, {num_batches} x {batch_size} images") as bar:
     for start in range(0, num_samples, batch_size):
-      if sampler == "ddpm":
-        x, f = sampling.ddpm_sample(apply_fn, run.params, run.schedule, rng, shape, times,
-                                    first_index=start, progress=bar.update)
-      else:
-        clip_x0 = DATA_BOUNDS[run.data_range] if clip_denoised else None
-        x, f = sampling.ddim_sample(apply_fn, run.params, run.schedule, rng, shape, num_steps,
-                                    eta, times, first_index=start, clip_x0=clip_x0,
-                                    progress=bar.update)
       count = min(batch_size, num_samples - start)
-      out[start:start + count] = np.asarray(x[:count])
-      if start < strip_rows:
-        frames.append(np.asarray(f[:, :min(count, strip_rows - start)]))
+      try:
+        if sampler == "ddpm":
+          x, f = sampling.ddpm_sample(apply_fn, run.params, run.schedule, rng, shape, times,
+                                      first_index=start, progress=bar.update)
+        else:
+          clip_x0 = DATA_BOUNDS[run.data_range] if clip_denoised else None
+          x, f = sampling.ddim_sample(apply_fn, run.params, run.schedule, rng, shape,
+                                      num_steps, eta, times, first_index=start,
+                                      clip_x0=clip_x0, progress=bar.update)
+        out[start:start + count] = np.asarray(x[:count])
+        if start < strip_rows:
+          frames.append(np.asarray(f[:, :min(count, strip_rows - start)]))
+      except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+          raise
+        reason = str(e).strip().splitlines()[0]
+        raise UserError(f"a batch of {batch_size} images does not fit in the device's memory "
+                        f"({reason}); use a smaller --batch_size") from e
       if start == 0:
         first_batch_seconds = time.perf_counter() - start_time
   frames_array = (np.concatenate(frames, axis=1) if frames else
@@ -266,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   eta = 0.0 if args.eta is None else args.eta
   batch_size = args.batch_size or min(args.num_samples, DEFAULT_BATCH_SIZE)
   strip_rows = min(STRIP_ROWS, args.num_samples) if args.reverse_strip else 0
+  _check_host_memory(args.num_samples, run.image_shape)
 
   start_time = time.perf_counter()
   samples, frames, first_seconds = generate(run, args.sampler, num_steps, eta, args.seed,

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -129,6 +130,30 @@ def test_argument_errors(checkpoint, tmp_path):
   (tmp_path / "exists.png").write_bytes(b"keep me")
   assert "--overwrite" in _error([*ckpt, "--out", tmp_path / "exists.png"])
   assert (tmp_path / "exists.png").read_bytes() == b"keep me"
+
+
+def test_too_many_images_for_the_host_or_the_device_are_one_line_errors(checkpoint, tmp_path,
+                                                                        monkeypatch):
+  """Refused before sampling when the images cannot fit in host memory; a batch the
+  device cannot hold (XLA's RESOURCE_EXHAUSTED) names --batch_size. Nothing is written."""
+  out = tmp_path / "x.png"
+  ckpt = ["--torch_checkpoint", checkpoint, *QUARTER_FLAGS, "--sampler", "ddim",
+          "--num_steps", 2, "--out", out]
+  monkeypatch.setattr(sample, "host_bytes_available", lambda: 2**30)
+  message = _error([*ckpt, "--num_samples", 200_000])
+  assert message == ("--num_samples 200000 needs ~1.5 GiB of host memory for its images, more "
+                     "than the 1.0 GiB available; sample fewer per command (several commands "
+                     "with other --seed values)")
+
+  def exhausted(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123 bytes.\nmore")
+  monkeypatch.setattr(sample.sampling, "ddim_sample", exhausted)
+  message = _error([*ckpt, "--num_samples", 4, "--batch_size", 4])
+  assert message == ("a batch of 4 images does not fit in the device's memory "
+                     "(RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123 bytes.); "
+                     "use a smaller --batch_size")
+  assert not out.exists()
 
 
 @pytest.mark.parametrize("argv", [
