@@ -214,15 +214,25 @@ class _Metrics:
     # same steps (``checkpoint.read_metrics``).
     self._resumed_from = resumed_from
     if write and path.is_file() and path.stat().st_size:
-      with open(path, "rb+") as f:  # A line cut short by a kill is ended, not extended.
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) != b"\n":
-          f.write(b"\n")
+      with self._writing():
+        with open(path, "rb+") as f:  # A line cut short by a kill is ended, not extended.
+          f.seek(-1, os.SEEK_END)
+          if f.read(1) != b"\n":
+            f.write(b"\n")
     self._pending: list[tuple[int, dict]] = []
     self._unlogged: list[float] = []  # Fetched losses of the steps since the last line.
     self._last_time = time.perf_counter()
     self._last_step: int | None = None
     self.epoch_losses: list[float] = []
+
+  @contextlib.contextmanager
+  def _writing(self):
+    """Turns a failed write of the metrics file into a one-line error."""
+    try:
+      yield
+    except OSError as e:
+      raise UserError(f"cannot write {self._path} ({e.strerror or e}); the checkpoints "
+                      "written so far are kept") from e
 
   def add(self, step: int, metrics: dict) -> None:
     self._pending.append((step, metrics))
@@ -266,7 +276,7 @@ class _Metrics:
       record["resumed_from"], self._resumed_from = self._resumed_from, None
     self._last_time, self._last_step = now, step
     if self._write:
-      with open(self._path, "a") as f:
+      with self._writing(), open(self._path, "a") as f:
         f.write(json.dumps(record) + "\n")
     return record
 

@@ -662,3 +662,15 @@ def test_a_save_that_fails_at_once_is_reported_the_same_way(tmp_path, monkeypatc
                      r"on device\); the earlier checkpoints are kept \(newest: step 1\)"):
     train_and_evaluate(_config({"num_train_steps": 4}), str(tmp_path))
   assert sorted(p.name for p in (tmp_path / checkpoint.CHECKPOINTS).iterdir()) == ["1"]
+
+
+def test_a_metrics_file_that_cannot_be_written_is_one_line_and_keeps_the_checkpoints(
+    tmp_path):
+  """``metrics.jsonl`` a link into a folder that does not exist: its first line (step 2)
+  cannot be written. The run stops with one line; step 1's checkpoint stays."""
+  (tmp_path / checkpoint.METRICS_FILE).symlink_to(tmp_path / "gone" / "metrics.jsonl")
+  with pytest.raises(UserError) as info:
+    train_and_evaluate(_config({"num_train_steps": 4, "log_every_steps": 2}), str(tmp_path))
+  assert str(info.value) == (f"cannot write {tmp_path / checkpoint.METRICS_FILE} (No such file "
+                             "or directory); the checkpoints written so far are kept")
+  assert _steps(tmp_path) == [1]
