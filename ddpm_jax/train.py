@@ -292,11 +292,11 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
   file named ``checkpoints``, a directory named ``metrics.jsonl``) or whose config the
   run cannot resume with."""
   entries = {checkpoint.CHECKPOINTS: True, checkpoint.METRICS_FILE: False,
-             checkpoint.CONFIG_FILE: False, checkpoint.SAMPLES: True, checkpoint.PROFILE: True}
-  if not config.sample_every_steps:
-    del entries[checkpoint.SAMPLES]
-  if not config.profile_steps:
-    del entries[checkpoint.PROFILE]
+             checkpoint.CONFIG_FILE: False}
+  if config.sample_every_steps:  # Entries only a run that writes them needs.
+    entries[checkpoint.SAMPLES] = True
+  if config.profile_steps:
+    entries[checkpoint.PROFILE] = True
   for name, is_dir in entries.items():
     path = workdir / name
     if path.exists() and path.is_dir() != is_dir:
