@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import gzip
 import json
+import math
 import pathlib
 import re
 from typing import Any, Callable, Iterable
@@ -78,6 +79,34 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
     if line.lstrip().startswith("ROOT") and computation is not None and name in names:
       roots[computation] = names[name]
   return names
+
+
+_COPY = re.compile(r"^(\w+)\[([\d,]*)\]\S* copy\(")
+_DTYPE_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2,
+                "f16": 2, "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1}
+
+
+def copy_instructions(hlo_text: str) -> dict:
+  """The copies a compiled program runs as their own kernels (not inside a fusion):
+  ``{"count": N, "bytes": B}``, B the bytes they write. XLA adds them, e.g., to keep a
+  donated buffer's old value alive while an update writes the new one."""
+  fused = set(re.findall(r"\bfusion\([^\n]*?calls=%?([\w.\-]+)", hlo_text))
+  count = written = 0
+  computation = None
+  for line in hlo_text.splitlines():
+    match = _COMPUTATION.match(line)
+    if match and " = " not in line:
+      computation = match.group(1)
+      continue
+    match = _INSTRUCTION.match(line)
+    if not match or computation in fused:
+      continue
+    copy = _COPY.match(match.group(2))
+    if copy:
+      count += 1
+      dims = [int(d) for d in copy.group(2).split(",") if d]
+      written += _DTYPE_BYTES.get(copy.group(1), 4) * math.prod(dims)
+  return dict(count=count, bytes=written)
 
 
 def hlo_module_name(hlo_text: str) -> str | None:

@@ -431,6 +431,7 @@ def jax_train(config: ml_collections.ConfigDict, dtype: str, batch: int,
              img_per_s=batch / timing.median, step_ms=1e3 * timing.median,
              timing=timing.to_json(), compile_s=compile_s,
              xla_train_flops_per_img=flops / batch if flops else None,
+             xla_copies=profiling.copy_instructions(compiled.as_text()),
              memory=dict(xla_bytes=xla_memory(compiled),
                          device_peak_bytes=jax_device_peak(devices.jax_device),
                          **host_memory()))
@@ -1130,6 +1131,12 @@ def report(doc: dict) -> str:
         f"  seed UNet 32x32: analytic {seed['analytic_train_flops_per_img'] / 1e9:.2f} GFLOP, "
         f"XLA (unoptimised HLO) {_fmt(seed['xla_lowered_train_flops_per_img'], '.2f', 1e-9)} "
         f"GFLOP, issue {seed['issue_train_flops_per_img'] / 1e9:.1f} GFLOP")
+  copies = [f"{r['dtype']} batch {r['batch']}: {r['xla_copies']['count']} "
+            f"({r['xla_copies']['bytes'] / 2**20:.0f} MiB)"
+            for r in doc["train"] if r["framework"] == "jax" and r.get("xla_copies")]
+  if copies:
+    lines.append("  copy kernels XLA added to the JAX step (count, MiB written per step): "
+                 + "; ".join(copies))
   mfu_peaks = {r["mfu_peak"]["name"] for r in doc["train"] if r.get("mfu_peak")}
   lines.append("  MFU: analytic train FLOPs x img/s / peak (" + (
       ", ".join(sorted(mfu_peaks)) if mfu_peaks else

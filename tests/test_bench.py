@@ -55,7 +55,9 @@ def test_metadata_and_table(quick):
                                     for k, v in tiny.items()}
   for text in ("device: cpu", f"jax {doc['versions']['jax']}", f"torch {doc['versions']['torch']}",
                doc["command"], "QUICK", "| JAX jit | float32 | 8 |", "DDPM-1000", "DDIM-50",
-               "Where the step time goes", "in a jax.profiler trace"):
+               "Where the step time goes", "in a jax.profiler trace",
+               "copy kernels XLA added to the JAX step (count, MiB written per step): "
+               "float32 batch 8: "):
     assert text in stdout, text
 
 
@@ -80,6 +82,10 @@ def test_train_rows_and_ratios(quick):
   for dtype in ("float32", "bfloat16"):
     r = rows["jax", "jit", dtype]
     assert _positive(r["compile_s"]) and r["mfu"] is None and r["mfu_peak"] is None
+    # On the CPU, XLA copies buffers of the donated state each step (the count and the
+    # bytes come from the compiled HLO; tests/test_profiling.py checks the reading).
+    copies = r["xla_copies"]
+    assert copies["count"] > 0 and copies["bytes"] > 0
     xla = r["memory"]["xla_bytes"]
     assert 0 < xla["argument"] < xla["peak"] and xla["temp"] > 0
   eager = rows["torch", "eager", "float32"]["img_per_s"]
