@@ -27,7 +27,7 @@ import json
 import math
 import pathlib
 import re
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 
@@ -45,6 +45,19 @@ FORWARD, BACKWARD, REST = "forward", "backward", "optimizer, EMA, rest"
 NO_METADATA = "(no metadata)"
 
 
+def _instructions(hlo_text: str) -> Iterator[tuple[str | None, str, str, str]]:
+  """``(computation, name, text after '=', line)`` of each instruction in HLO text."""
+  computation = None
+  for line in hlo_text.splitlines():
+    match = _COMPUTATION.match(line)
+    if match and " = " not in line:
+      computation = match.group(1)
+      continue
+    match = _INSTRUCTION.match(line)
+    if match:
+      yield computation, match.group(1), match.group(2), line
+
+
 def hlo_op_names(hlo_text: str) -> dict[str, str]:
   """Each HLO instruction's JAX ``op_name``.
 
@@ -55,16 +68,7 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
   """
   names: dict[str, str] = {}
   roots: dict[str, str] = {}
-  computation = None
-  for line in hlo_text.splitlines():
-    match = _COMPUTATION.match(line)
-    if match and " = " not in line:
-      computation = match.group(1)
-      continue
-    match = _INSTRUCTION.match(line)
-    if not match:
-      continue
-    name, rest = match.groups()
+  for computation, name, rest, line in _instructions(hlo_text):
     found = _OP_NAME.search(rest)
     called = _CALLS.search(rest)
     if found:
@@ -92,16 +96,8 @@ def copy_instructions(hlo_text: str) -> dict:
   donated buffer's old value alive while an update writes the new one."""
   fused = set(re.findall(r"\bfusion\([^\n]*?calls=%?([\w.\-]+)", hlo_text))
   count = written = 0
-  computation = None
-  for line in hlo_text.splitlines():
-    match = _COMPUTATION.match(line)
-    if match and " = " not in line:
-      computation = match.group(1)
-      continue
-    match = _INSTRUCTION.match(line)
-    if not match or computation in fused:
-      continue
-    copy = _COPY.match(match.group(2))
+  for computation, _, rest, _ in _instructions(hlo_text):
+    copy = None if computation in fused else _COPY.match(rest)
     if copy:
       count += 1
       dims = [int(d) for d in copy.group(2).split(",") if d]

@@ -278,6 +278,16 @@ def _merge(*args) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=120, check=False)
 
 
+def _merged(tmp_path, **docs) -> tuple[dict, list, subprocess.CompletedProcess]:
+  """Writes each document as NAME.json, merges them: ``(merged, paths, process)``."""
+  paths = [tmp_path / f"{name}.json" for name in docs]
+  for path, doc in zip(paths, docs.values()):
+    path.write_text(json.dumps(doc))
+  proc = _merge("--json", tmp_path / "merged.json", *paths)
+  assert proc.returncode == 0, proc.stderr
+  return json.loads((tmp_path / "merged.json").read_text()), paths, proc
+
+
 @pytest.mark.slow
 def test_merging_parts_gives_back_the_whole_run(quick, tmp_path):
   """The quick run split into its train and sample parts, merged: the same rows, ratios
@@ -289,12 +299,7 @@ def test_merging_parts_gives_back_the_whole_run(quick, tmp_path):
                 settings=dict(doc["settings"], parts=["sample"]),
                 breakdown=dict(doc["breakdown"], jax=None, torch=None),
                 flops=dict(doc["flops"], seed_unet=None))
-  paths = [tmp_path / "train.json", tmp_path / "sample.json"]
-  for path, part in zip(paths, (train, sample)):
-    path.write_text(json.dumps(part))
-  proc = _merge("--json", tmp_path / "merged.json", *paths)
-  assert proc.returncode == 0, proc.stderr
-  merged = json.loads((tmp_path / "merged.json").read_text())
+  merged, paths, proc = _merged(tmp_path, train=train, sample=sample)
   for key in ("train", "train_ratios", "sampling", "parity", "breakdown", "flops", "targets",
               "device"):
     assert merged[key] == doc[key], key
@@ -323,12 +328,7 @@ def test_merge_takes_ratios_within_each_run_and_mfu_from_the_model_flops(quick, 
   second = dict(first, train=[dict(r, img_per_s=r["img_per_s"] / 2)
                               if r["framework"] == "torch" and r["status"] == "ok" else r
                               for r in first["train"]])
-  paths = [tmp_path / "first.json", tmp_path / "second.json"]
-  for path, part in zip(paths, (first, second)):
-    path.write_text(json.dumps(part))
-  proc = _merge("--json", tmp_path / "merged.json", *paths)
-  assert proc.returncode == 0, proc.stderr
-  merged = json.loads((tmp_path / "merged.json").read_text())
+  merged, _, _ = _merged(tmp_path, first=first, second=second)
   own = {r["dtype"]: r["jax_over_eager"] for r in doc["train_ratios"]}
   assert [r["dtype"] for r in merged["train_ratios"]] == 2 * list(own)
   assert [r["jax_over_eager"] for r in merged["train_ratios"]] == pytest.approx(
