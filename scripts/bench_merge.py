@@ -7,7 +7,8 @@ For measurements split into parts (``--parts``, ``--batch_sizes``), as
 ``scripts/gpu_bench.sh`` does: the rows are concatenated, each run's JAX/torch ratios
 taken within that run, MFU recomputed from the model's FLOPs, the performance issue's
 targets taken over all of them, and the tables printed as ``bench.py`` prints them. Each
-sampling row keeps its speed-up over the original's loop timed in its own run. The runs must share the device and the model.
+sampling row keeps its speed-up over the original's loop timed in its own run. The runs
+must share the device and the model.
 """
 
 from __future__ import annotations

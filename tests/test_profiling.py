@@ -48,10 +48,9 @@ def test_hlo_op_names_from_metadata_roots_and_operands():
 
 
 def test_copy_instructions_counts_the_copies_outside_fusions():
-  hlo = HLO.replace("  ROOT %add.1 = f32[4,2]{1,0} add(",
-                    "  %copy.9 = f32[4,2]{1,0} copy(%param_0.1)\n  ROOT %add.1 = f32[4,2]{1,0} add(")
-  hlo = hlo.replace("  %p1 = f32[8,2]{1,0} parameter(1)\n",
-                    "  %p1 = f32[8,2]{1,0} parameter(1)\n  %copy.2 = bf16[8,2]{0,1} copy(%p1)\n")
+  root, p1 = "  ROOT %add.1 = f32[4,2]{1,0} add(", "  %p1 = f32[8,2]{1,0} parameter(1)\n"
+  hlo = HLO.replace(root, "  %copy.9 = f32[4,2]{1,0} copy(%param_0.1)\n" + root)
+  hlo = hlo.replace(p1, p1 + "  %copy.2 = bf16[8,2]{0,1} copy(%p1)\n")
   # copy.1 (f32[4,2]) and copy.2 (bf16[8,2]) in ENTRY; copy.9 is inside a fusion.
   assert profiling.copy_instructions(hlo) == {"count": 2, "bytes": 4 * 8 + 2 * 16}
   assert profiling.copy_instructions(HLO) == {"count": 1, "bytes": 32}
