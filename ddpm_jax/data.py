@@ -204,6 +204,15 @@ def load_dataset(data_config: Any, split: str = "train") -> tuple[np.ndarray, np
   return images, labels
 
 
+def to_unit_range(images: np.ndarray, data_range: str) -> np.ndarray:
+  """Maps float images in ``data_range`` ('zero_one' or 'minus_one_one') to [0, 1],
+  unclipped, as float32."""
+  if data_range not in DATA_RANGES:
+    raise UserError(f"data_range must be one of {', '.join(DATA_RANGES)}, got {data_range!r}")
+  images = np.asarray(images, np.float32)
+  return (images + 1.0) / 2.0 if data_range == "minus_one_one" else images
+
+
 def preprocess(images: np.ndarray, image_size: int = 32, data_range: str = "zero_one"
                ) -> np.ndarray:
   """Zero-pads uint8 NHWC images symmetrically to ``image_size`` and scales to float32.

@@ -42,7 +42,6 @@ import numpy as np
 import scipy.linalg
 
 from ddpm_jax import data
-from ddpm_jax.data import DATA_RANGES
 from ddpm_jax.errors import ArgumentParser, UserError, run_cli
 
 CLASSIFIER_PATH = pathlib.Path(__file__).parent / "assets" / "classifier.msgpack"
@@ -202,14 +201,6 @@ def compute_measures(images: np.ndarray, reference_images: np.ndarray) -> dict[s
   return measures_from_outputs(*features_and_probs(images), *feature_stats(reference_features))
 
 
-def to_unit_range(images: np.ndarray, data_range: str) -> np.ndarray:
-  """Maps images in ``data_range`` ('zero_one' or 'minus_one_one') to [0, 1], unclipped."""
-  if data_range not in DATA_RANGES:
-    raise UserError(f"data_range must be one of {', '.join(DATA_RANGES)}, got {data_range!r}")
-  images = np.asarray(images, np.float32)
-  return (images + 1.0) / 2.0 if data_range == "minus_one_one" else images
-
-
 def _read_data_range(entry: np.ndarray) -> str:
   """The string held by an npz ``data_range`` entry."""
   if entry.size != 1 or entry.dtype.kind not in "US":
@@ -271,7 +262,7 @@ def load_samples(
   bad = int(np.size(images) - np.count_nonzero(np.isfinite(images)))
   if bad:
     raise UserError(f"`images` holds {bad} NaN or infinite values")
-  return to_unit_range(images, data_range), data_range
+  return data.to_unit_range(images, data_range), data_range
 
 
 def measure_against_bundled(samples: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -14,7 +14,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from ddpm_jax.data import DATA_RANGES
+from ddpm_jax.data import to_unit_range
 from ddpm_jax.errors import UserError
 
 # Pixels between tiles, and their value.
@@ -24,12 +24,7 @@ PAD_VALUE = 128
 
 def to_uint8(images: np.ndarray, data_range: str) -> np.ndarray:
   """Maps images in ``data_range`` to uint8 pixels, clipping what lies outside the range."""
-  if data_range not in DATA_RANGES:
-    raise UserError(f"data_range must be one of {', '.join(DATA_RANGES)}, got {data_range!r}")
-  images = np.asarray(images, np.float32)
-  if data_range == "minus_one_one":
-    images = (images + 1.0) / 2.0
-  return np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+  return np.round(np.clip(to_unit_range(images, data_range), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def tile(images: np.ndarray, cols: int) -> np.ndarray:
