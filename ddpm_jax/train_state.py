@@ -76,7 +76,8 @@ def _is_adam(node: Any) -> bool:
       isinstance(node, dict) and set(node) == {"count", "mu", "nu"})
 
 
-def _adam_nodes(opt_state: Any) -> list[Any]:
+def adam_states(opt_state: Any) -> list[Any]:
+  """The Adam states (count, mu, nu) in an optimizer state, in tree order."""
   return [n for n in jax.tree.leaves(opt_state, is_leaf=_is_adam) if _is_adam(n)]
 
 
@@ -89,11 +90,11 @@ def stored_opt_state_target(stored: Any, abstract_opt_state: Any) -> Any:
   current one, any other array (a schedule's count) those of its count. Raises
   ``ValueError`` unless the checkpoint holds exactly one Adam state.
   """
-  found = _adam_nodes(stored)
+  found = adam_states(stored)
   if len(found) != 1:
     raise ValueError(f"the checkpoint's opt_state holds {len(found)} Adam states (count, mu, "
                      "nu), not one")
-  (adam,) = _adam_nodes(abstract_opt_state)
+  (adam,) = adam_states(abstract_opt_state)
 
   def target(node):
     if _is_adam(node):
@@ -110,7 +111,7 @@ def fit_opt_state(stored: Any, opt_state: Any) -> Any:
   (clipping, warm-up and decay hold no other state); a schedule's count is a copy of
   Adam's, so the rate goes on from the step the run reached.
   """
-  (adam,) = _adam_nodes(stored)
+  (adam,) = adam_states(stored)
   adam = optax.ScaleByAdamState(**adam) if isinstance(adam, dict) else adam
   known = (optax.ScaleByAdamState, optax.ScaleByScheduleState, optax.EmptyState)
 

@@ -68,7 +68,7 @@ from ddpm_jax.config_defaults import base_config
 from ddpm_jax.errors import UserError, run_cli
 from ddpm_jax.model import build_unet
 from ddpm_jax.schedule import linear_schedule
-from ddpm_jax.train_state import apply_gradients
+from ddpm_jax.train_state import adam_states, apply_gradients, fit_opt_state
 
 try:
   import torch
@@ -478,8 +478,7 @@ def update_variant(config: ml_collections.ConfigDict, variant: str) -> Callable:
   b1, b2, eps = 0.9, 0.999, 1e-8  # make_optimizer's, torch.optim.Adam's defaults.
 
   def update(state: train.TrainState, grads: Any) -> train.TrainState:
-    is_adam = lambda n: isinstance(n, optax.ScaleByAdamState)
-    (adam,) = [n for n in jax.tree.leaves(state.opt_state, is_leaf=is_adam) if is_adam(n)]
+    (adam,) = adam_states(state.opt_state)
     count = optax.safe_increment(adam.count)
     step = functools.partial(_adam_ema, lr=config.learning_rate, c1=1 - b1 ** count,
                              c2=1 - b2 ** count, b1=b1, b2=b2, eps=eps,
@@ -497,9 +496,7 @@ def update_variant(config: ml_collections.ConfigDict, variant: str) -> Callable:
       params, mu, nu, ema = (
           treedef.unflatten([a.reshape(leaf.shape) for a, leaf in zip(jnp.split(v, ends), leaves)])
           for v in step(*flat))
-    adam = adam._replace(count=count, mu=mu, nu=nu)
-    opt_state = jax.tree.map(lambda n: adam if is_adam(n) else n, state.opt_state,
-                             is_leaf=is_adam)
+    opt_state = fit_opt_state(adam._replace(count=count, mu=mu, nu=nu), state.opt_state)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          ema_params=ema)
   return update

@@ -21,8 +21,8 @@ from ddpm_jax import checkpoint, images, profiling, sampling
 from ddpm_jax.model import build_unet
 from ddpm_jax.schedule import linear_schedule
 from ddpm_jax.train import abstract_train_state, sample_grid_path, train_and_evaluate
-from ddpm_jax.train_state import (ema_update, fit_opt_state, learning_rate_at, make_optimizer,
-                                  stored_opt_state_target)
+from ddpm_jax.train_state import (adam_states, ema_update, fit_opt_state, learning_rate_at,
+                                  make_optimizer, stored_opt_state_target)
 from tests.conftest import micro_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,12 +84,12 @@ def test_fit_opt_state_carries_adam_into_every_optimizer_setting(old):
   is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)
   stored = jax.tree.map(lambda s: dict(s._asdict()) if is_adam(s) else s, opt_state,
                         is_leaf=is_adam)
-  (adam,) = [s for s in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(s)]
+  (adam,) = adam_states(opt_state)
   for new in OPTIMIZER_SETTINGS:
     new_tx = make_optimizer(1e-3, **new)
     fitted = fit_opt_state(stored, new_tx.init(params))
     assert jax.tree.structure(fitted) == jax.tree.structure(new_tx.init(params))
-    adams = [s for s in jax.tree.leaves(fitted, is_leaf=is_adam) if is_adam(s)]
+    adams = adam_states(fitted)
     assert len(adams) == 1
     for x, y in zip(_leaves(adams[0]), _leaves(adam), strict=True):
       np.testing.assert_array_equal(x, y)
