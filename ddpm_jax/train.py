@@ -214,11 +214,11 @@ class _Metrics:
     # same steps (``checkpoint.read_metrics``).
     self._resumed_from = resumed_from
     if write and path.is_file() and path.stat().st_size:
-      with self._writing():
-        with open(path, "rb+") as f:  # A line cut short by a kill is ended, not extended.
-          f.seek(-1, os.SEEK_END)
-          if f.read(1) != b"\n":
-            f.write(b"\n")
+      # A line cut short by a kill is ended, not extended.
+      with self._writing(), open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+          f.write(b"\n")
     self._pending: list[tuple[int, dict]] = []
     self._unlogged: list[float] = []  # Fetched losses of the steps since the last line.
     self._last_time = time.perf_counter()
