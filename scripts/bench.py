@@ -427,11 +427,12 @@ def jax_train(config: ml_collections.ConfigDict, dtype: str, batch: int,
   timing = time_calls(run, jax.block_until_ready, settings.reps, settings.warmup,
                       settings.min_rep_s)
   flops = xla_flops(compiled)
+  hlo_text = compiled.as_text()  # Read by the copy count and the profile's op names.
   row = dict(framework="jax", variant="jit", dtype=dtype, batch=batch, status="ok",
              img_per_s=batch / timing.median, step_ms=1e3 * timing.median,
              timing=timing.to_json(), compile_s=compile_s,
              xla_train_flops_per_img=flops / batch if flops else None,
-             xla_copies=profiling.copy_instructions(compiled.as_text()),
+             xla_copies=profiling.copy_instructions(hlo_text),
              memory=dict(xla_bytes=xla_memory(compiled),
                          device_peak_bytes=jax_device_peak(devices.jax_device),
                          **host_memory()))
@@ -439,7 +440,7 @@ def jax_train(config: ml_collections.ConfigDict, dtype: str, batch: int,
     with contextlib.ExitStack() as stack:
       logdir = settings.profile_dir or stack.enter_context(tempfile.TemporaryDirectory())
       try:
-        summary = profiling.profile_calls(run, PROFILE_STEPS, logdir, compiled.as_text())
+        summary = profiling.profile_calls(run, PROFILE_STEPS, logdir, hlo_text)
       except (OSError, ValueError, KeyError, RuntimeError) as e:  # Keep the row's timings.
         summary = dict(error=f"{type(e).__name__}: {e}")
       row["profile"] = dict(summary, trace_dir=settings.profile_dir)
