@@ -127,6 +127,24 @@ class Attention(nn.Module):
 _UP_TAPS = ({-1: 3, 0: 1}, {0: 2, 1: 0})
 
 
+def phase_taps(kernel: jax.Array) -> jax.Array:
+  """The ``(3, 3, C, 4 * F)`` weight of :class:`UpConv`'s one 3x3 convolution, from its
+  ``(4, 4, F, C)`` kernel: output channel ``(2 * a + b) * F + f`` is phase ``(a, b)``, each
+  3x3 position holding its kernel tap or zeros.
+
+  Built as one stack of the 36 ``(C, F)`` blocks, which XLA fuses into one kernel (and
+  whose gradient is slices): 16 in-place ``.at[].set`` scatters instead cost a copy of the
+  whole weight each, 16 per UpConv and step.
+  """
+  _, _, f, c = kernel.shape
+  zeros = jnp.zeros((c, f), kernel.dtype)
+  blocks = [kernel[_UP_TAPS[a][dy], _UP_TAPS[b][dx]].T
+            if dy in _UP_TAPS[a] and dx in _UP_TAPS[b] else zeros
+            for dy in (-1, 0, 1) for dx in (-1, 0, 1) for a in (0, 1) for b in (0, 1)]
+  taps = jnp.stack(blocks).reshape(3, 3, 2, 2, c, f).transpose(0, 1, 4, 2, 3, 5)
+  return taps.reshape(3, 3, c, 4 * f)
+
+
 class UpConv(nn.Module):
   """PyTorch's ``ConvTranspose2d(C, features, 4, stride=2, padding=1)``, computed fast.
 
@@ -146,14 +164,8 @@ class UpConv(nn.Module):
     c, f = x.shape[-1], self.features
     kernel = self.param("kernel", TORCH_KERNEL_INIT, (4, 4, f, c))
     bias = self.param("bias", torch_bias_init(16 * f), (f,))
-    taps = jnp.zeros((3, 3, c, 2, 2, f), kernel.dtype)
-    for a, rows in enumerate(_UP_TAPS):
-      for b, cols in enumerate(_UP_TAPS):
-        for dy, ky in rows.items():
-          for dx, kx in cols.items():
-            taps = taps.at[dy + 1, dx + 1, :, a, b, :].set(kernel[ky, kx].T)
     y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), taps.reshape(3, 3, c, 4 * f).astype(self.dtype), (1, 1),
+        x.astype(self.dtype), phase_taps(kernel).astype(self.dtype), (1, 1),
         ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
     n, h, w, _ = y.shape
     y = y.reshape(n, h, w, 2, 2, f).transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, f)

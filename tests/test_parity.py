@@ -380,3 +380,26 @@ def test_upconv_equals_flax_conv_transpose_and_torch():
                             transpose_kernel=True)
   np.testing.assert_allclose(y, flax_t.apply({"params": params}, jnp.asarray(nchw_to_nhwc(x))),
                              atol=1e-5)
+
+
+def test_upconv_gradients_equal_torch():
+  """UpConv's kernel, bias and input gradients are ConvTranspose2d's (its weight is built
+  from the kernel by ``phase_taps``, whose gradient XLA must route back tap by tap)."""
+  from ddpm_jax.model import UpConv
+  torch.manual_seed(1)
+  ref = torch.nn.ConvTranspose2d(12, 6, 4, stride=2, padding=1)
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, 12, 5, 7)).astype(np.float32)
+  cotangent = rng.standard_normal((2, 6, 10, 14)).astype(np.float32)
+  x_ref = torch.from_numpy(x).requires_grad_()
+  (ref(x_ref) * torch.from_numpy(cotangent)).sum().backward()
+  params = {"kernel": jnp.asarray(ref.weight.detach().numpy().transpose(2, 3, 1, 0)),
+            "bias": jnp.asarray(ref.bias.detach().numpy())}
+
+  def objective(p, xs):
+    return (UpConv(6).apply({"params": p}, xs) * nchw_to_nhwc(cotangent)).sum()
+  grads, grad_x = jax.grad(objective, argnums=(0, 1))(params, jnp.asarray(nchw_to_nhwc(x)))
+  np.testing.assert_allclose(grads["kernel"], ref.weight.grad.numpy().transpose(2, 3, 1, 0),
+                             rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(grads["bias"], ref.bias.grad.numpy(), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(nhwc_to_nchw(grad_x), x_ref.grad.numpy(), rtol=1e-5, atol=1e-5)
