@@ -148,9 +148,9 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_bool("breakdown", True, "Time forward, backward and optimizer+EMA of the "
                     "float32 step separately, for both frameworks (first batch size).",
                     flag_values=fv)
-  flags.DEFINE_bool("profile", True, f"Trace {PROFILE_STEPS} calls of the float32 JAX step "
-                    "(first batch size) with jax.profiler and report its op time by phase "
-                    "and UNet layer.", flag_values=fv)
+  flags.DEFINE_bool("profile", True, f"Trace {PROFILE_STEPS} calls of the JAX step of the "
+                    "first of --dtypes at the first batch size with jax.profiler and report "
+                    "its op time by phase and UNet layer.", flag_values=fv)
   flags.DEFINE_string("profile_dir", None, "Keep that trace here, for Perfetto or "
                       "TensorBoard (default: a temporary folder, deleted).", flag_values=fv)
 
@@ -937,6 +937,17 @@ def device_info(devices: Devices) -> dict:
   return info
 
 
+def breakdown_and_profile(settings: Settings, batch_index: int, dtype: str
+                          ) -> tuple[bool, bool]:
+  """Whether the JAX train row of the ``batch_index``-th batch size and ``dtype`` gets the
+  breakdown and the profile. The breakdown sets JAX's float32 step beside torch's, at the
+  first batch size; the profile takes the first row, so that ``--dtypes bfloat16
+  --batch_sizes 256`` profiles that step."""
+  first_batch = batch_index == 0
+  return (settings.breakdown and first_batch and dtype == "float32",
+          settings.profile and first_batch and dtype == settings.dtypes[0])
+
+
 def run_bench(config: ml_collections.ConfigDict, settings: Settings, command: str,
               save: Callable[[dict], None] = lambda doc: None) -> dict:
   """Every measurement, as the JSON document; ``save`` gets the document so far (its
@@ -970,9 +981,8 @@ def run_bench(config: ml_collections.ConfigDict, settings: Settings, command: st
                if {"train", "sample"} & set(settings.parts) else None)
     for i, batch in enumerate(settings.batch_sizes if "train" in settings.parts else ()):
       for dtype in settings.dtypes:
-        first = i == 0 and dtype == "float32"
         train_rows.append(jax_train(config, dtype, batch, initial, devices, settings,
-                                    settings.breakdown and first, settings.profile and first))
+                                    *breakdown_and_profile(settings, i, dtype)))
         log(f"train JAX {dtype} batch {batch}: {train_rows[-1]['img_per_s']:.1f} img/s")
       train_rows.append(torch_train(config, batch, devices, settings, compiled=False,
                                     breakdown=settings.breakdown and i == 0))

@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
 # The GPU half of BENCHMARKS.md in one command that fits a 10-minute limit per command.
-# Six parts, each under its own time limit: bench.py's parity rows (JAX's output and
-# gradients against the original's on the GPU), its train rows at batch 64, its samplers
-# at batch 64, its train rows at batch 256, its samplers at batch 256 (bench.py rewrites
-# its JSON after every row, so a part cut short keeps what it measured), and "loop":
-# python -m ddpm_jax.train itself for GPU_BENCH_LOOP_STEPS steps (default 1500) on the
-# bundled digits, whose metrics give the whole loop's time per step (data, dispatch,
-# logging included), projected to the original's 70,275 steps.
+# Parts, each under its own time limit (bench.py rewrites its JSON after every row, so a
+# part cut short keeps what it measured):
+#   parity     bench.py's parity rows (JAX's output and gradients against the original's)
+#   train64    its train rows at batch 64 (with the breakdown and the float32 profile)
+#   sample64   its samplers at batch 64
+#   train256   its train rows at batch 256
+#   sample256  its samplers at batch 256
+#   loop       python -m ddpm_jax.train itself for GPU_BENCH_LOOP_STEPS steps (default
+#              1500) on the bundled digits, whose metrics give the whole loop's time per
+#              step (data, dispatch, logging included), projected to the original's 70,275
+#   profile256 (only when named) the bfloat16 step at batch 256 in a profile, with XLA's
+#              command buffers off so that the trace names each kernel (its timings are
+#              not the ones to quote; left out of the merge)
 #
 #   scripts/gpu_bench.sh OUTDIR [CONFIG [bench.py flags...]]
 #
-# CONFIG defaults to configs/mnist.py (the original UNET). GPU_BENCH_LIMITS overrides the
-# parts' limits in seconds (default "75 240 50 95 45 60": 565 s in all, from what each part
-# took on the H100 of BENCHMARKS.md, with a margin). Writes OUTDIR/bench_<part>.json for
-# the bench parts, OUTDIR/bench.log (every part's output), OUTDIR/loop_metrics.jsonl and
-# OUTDIR/bench_gpu.json, the bench parts merged (8 files, as many as a device call returns).
+# CONFIG defaults to configs/mnist.py (the original UNET). GPU_BENCH_PARTS lists the parts
+# to run, in order (default "parity train64 sample64 train256 sample256 loop");
+# GPU_BENCH_LIMITS gives one limit in seconds per listed part (default: parity 75, train64
+# 240, sample64 50, train256 95, sample256 45, loop 60, profile256 90; 565 s for the
+# default six, from what each took on the H100 of BENCHMARKS.md, with a margin). Writes
+# OUTDIR/bench_<part>.json for the bench parts, OUTDIR/bench.log (every part's output),
+# OUTDIR/loop_metrics.jsonl and OUTDIR/bench_gpu.json, the bench parts merged (8 files for
+# the default parts, as many as a device call returns).
 set -u
 out=${1:?usage: scripts/gpu_bench.sh OUTDIR [CONFIG [bench.py flags...]]}
 config=${2:-configs/mnist.py}
@@ -28,10 +37,25 @@ export PYTHONUNBUFFERED=1
 # train step that train64 compiled (each bench part's own programs differ in shape).
 cache=$(mktemp -d)
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$cache}
-read -r -a limits <<< "${GPU_BENCH_LIMITS:-75 240 50 95 45 60}"
-if [ "${#limits[@]}" -ne 6 ]; then
-  echo "error: GPU_BENCH_LIMITS needs six numbers of seconds, got '${GPU_BENCH_LIMITS}'" >&2
-  exit 2
+declare -A default_limit=([parity]=75 [train64]=240 [sample64]=50 [train256]=95
+                         [sample256]=45 [loop]=60 [profile256]=90)
+read -r -a parts <<< "${GPU_BENCH_PARTS:-parity train64 sample64 train256 sample256 loop}"
+limits=()
+for part in "${parts[@]}"; do
+  if [ -z "${default_limit[$part]:-}" ]; then
+    echo "error: GPU_BENCH_PARTS has '$part'; the parts are parity train64 sample64" \
+      "train256 sample256 loop profile256" >&2
+    exit 2
+  fi
+  limits+=("${default_limit[$part]}")
+done
+if [ -n "${GPU_BENCH_LIMITS:-}" ]; then
+  read -r -a limits <<< "$GPU_BENCH_LIMITS"
+  if [ "${#limits[@]}" -ne "${#parts[@]}" ]; then
+    echo "error: GPU_BENCH_LIMITS needs one number of seconds for each of the" \
+      "${#parts[@]} parts (${parts[*]}), got '${GPU_BENCH_LIMITS}'" >&2
+    exit 2
+  fi
 fi
 loop_steps=${GPU_BENCH_LOOP_STEPS:-1500}
 nvidia-smi -L 2>&1 || echo "no nvidia-smi"
@@ -56,26 +80,19 @@ bench() {  # bench NAME LIMIT_S bench.py-flags...
   run_part "$name" "$limit" "$python" scripts/bench.py --config "$config" \
     --json "$out/bench_$name.json" "$@"
 }
-bench parity "${limits[0]}" --parts parity "$@"
-bench train64 "${limits[1]}" --parts train --batch_sizes 64 "$@"
-bench sample64 "${limits[2]}" --parts sample --batch_sizes 64 "$@"
-# At batch 256 no target needs torch.compile, the breakdown or the profile, and the
-# samplers run a quarter of their steps (img/s scaled to the full count) to fit the limit.
-bench train256 "${limits[3]}" --parts train --batch_sizes 256 --nobreakdown --noprofile \
-  --notorch_compile "$@"
-bench sample256 "${limits[4]}" --parts sample --batch_sizes 256 --sample_timed_steps 250 \
-  --sample_reps 2 "$@"
-
-workdir=$(mktemp -d)
-# A constant rate: the loop's time per step does not depend on it, and a cosine decay
-# (configs/mnist_tiny.py) would refuse a run no longer than its warm-up.
-run_part loop "${limits[5]}" "$python" -m ddpm_jax.train --config "$config" \
-  --workdir "$workdir" --config.num_train_steps="$loop_steps" \
-  --config.log_every_steps=$(( loop_steps / 8 > 0 ? loop_steps / 8 : 1 )) \
-  --config.checkpoint_every_steps="$loop_steps" --config.lr_schedule=constant
-if [ -s "$workdir/metrics.jsonl" ]; then
-  cp "$workdir/metrics.jsonl" "$out/loop_metrics.jsonl"
-  "$python" - "$out/loop_metrics.jsonl" <<'EOF'
+# The training loop itself, timed from its metrics; $1 is its limit.
+loop() {
+  local workdir
+  workdir=$(mktemp -d)
+  # A constant rate: the loop's time per step does not depend on it, and a cosine decay
+  # (configs/mnist_tiny.py) would refuse a run no longer than its warm-up.
+  run_part loop "$1" "$python" -m ddpm_jax.train --config "$config" \
+    --workdir "$workdir" --config.num_train_steps="$loop_steps" \
+    --config.log_every_steps=$(( loop_steps / 8 > 0 ? loop_steps / 8 : 1 )) \
+    --config.checkpoint_every_steps="$loop_steps" --config.lr_schedule=constant
+  if [ -s "$workdir/metrics.jsonl" ]; then
+    cp "$workdir/metrics.jsonl" "$out/loop_metrics.jsonl"
+    "$python" - "$out/loop_metrics.jsonl" <<'EOF'
 import json, sys
 records = [json.loads(line) for line in open(sys.argv[1])]
 if len(records) < 3:
@@ -87,15 +104,37 @@ print(f"loop: steps {first['step']}..{last['step']}: {1e3 * per_step:.2f} ms/ste
       f"{70275 * per_step / 60:.1f} min for the original's 70,275 steps (loop only, "
       "no compile, no checkpoints)")
 EOF
-fi
-rm -rf "$workdir" "$cache"
+  fi
+  rm -rf "$workdir"
+}
 
-# One document and the tables for BENCHMARKS.md, from the bench parts that left a JSON.
-parts=()
-for name in parity train64 sample64 train256 sample256; do
-  [ -s "$out/bench_$name.json" ] && parts+=("$out/bench_$name.json")
+for i in "${!parts[@]}"; do
+  limit=${limits[$i]}
+  case ${parts[$i]} in
+    parity) bench parity "$limit" --parts parity "$@" ;;
+    train64) bench train64 "$limit" --parts train --batch_sizes 64 "$@" ;;
+    sample64) bench sample64 "$limit" --parts sample --batch_sizes 64 "$@" ;;
+    # At batch 256 no target needs torch.compile, the breakdown or the profile, and the
+    # samplers run a quarter of their steps (img/s scaled to the full count).
+    train256) bench train256 "$limit" --parts train --batch_sizes 256 --nobreakdown \
+      --noprofile --notorch_compile "$@" ;;
+    sample256) bench sample256 "$limit" --parts sample --batch_sizes 256 \
+      --sample_timed_steps 250 --sample_reps 2 "$@" ;;
+    profile256) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
+      bench profile256 "$limit" --parts train --batch_sizes 256 --dtypes bfloat16 \
+      --nobreakdown --notorch_compile --reps 2 "$@" ;;
+    loop) loop "$limit" ;;
+  esac
 done
-if [ "${#parts[@]}" -gt 0 ]; then
-  "$python" scripts/bench_merge.py --json "$out/bench_gpu.json" "${parts[@]}" || status=1
+rm -rf "$cache"
+
+# One document and the tables for BENCHMARKS.md, from the bench parts that left a JSON
+# (not profile256's, whose timings ran without command buffers).
+documents=()
+for name in parity train64 sample64 train256 sample256; do
+  [ -s "$out/bench_$name.json" ] && documents+=("$out/bench_$name.json")
+done
+if [ "${#documents[@]}" -gt 0 ]; then
+  "$python" scripts/bench_merge.py --json "$out/bench_gpu.json" "${documents[@]}" || status=1
 fi
 exit $status

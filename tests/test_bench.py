@@ -235,6 +235,58 @@ def test_update_variants_compute_optax_adam_and_the_ema(monkeypatch):
   assert min(moved) > 1e-5  # Three real steps: the check above compares moved numbers.
 
 
+def test_the_profile_takes_the_first_row_and_the_breakdown_float32(monkeypatch):
+  monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+  import bench  # pylint: disable=g-import-not-at-top,import-error
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  bench.define_flags(fv)
+  fv(["bench", "--batch_sizes", "256,64", "--dtypes", "bfloat16,float32"])
+  settings = bench.settings_from_flags(fv)
+  rows = {(i, d): bench.breakdown_and_profile(settings, i, d)
+          for i in (0, 1) for d in ("bfloat16", "float32")}
+  assert rows == {(0, "bfloat16"): (False, True), (0, "float32"): (True, False),
+                  (1, "bfloat16"): (False, False), (1, "float32"): (False, False)}
+  off = dataclasses.replace(settings, breakdown=False, profile=False)
+  assert bench.breakdown_and_profile(off, 0, "bfloat16") == (False, False)
+  assert bench.breakdown_and_profile(off, 0, "float32") == (False, False)
+
+
+def test_gpu_bench_script_runs_the_parts_named_in_order(tmp_path):
+  """``GPU_BENCH_PARTS`` picks and orders the parts, each with its limit; profile256 runs
+  the bfloat16 step at batch 256 with XLA's command buffers off, and only it; a part the
+  script does not know, or a limit count that does not match, is a one-line error. Run
+  with a stand-in for Python that logs its environment and arguments."""
+  log = tmp_path / "calls.log"
+  fake = tmp_path / "python"
+  fake.write_text(f'#!/usr/bin/env bash\necho "XLA_FLAGS=${{XLA_FLAGS:-}} | $*" >> {log}\n')
+  fake.chmod(0o755)
+  env = dict(os.environ, PYTHON=str(fake), GPU_BENCH_PARTS="profile256 train64")
+  env.pop("XLA_FLAGS", None)
+  script = ["bash", "scripts/gpu_bench.sh", str(tmp_path / "out")]
+  proc = subprocess.run(script, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert [l for l in proc.stdout.splitlines() if l.startswith("== ")] == [
+      "== profile256 (limit 90 s)", "== profile256: exit 0",
+      "== train64 (limit 240 s)", "== train64: exit 0"]
+  profile, train = log.read_text().splitlines()
+  assert profile.startswith("XLA_FLAGS= --xla_gpu_enable_command_buffer= | scripts/bench.py ")
+  assert profile.endswith("--parts train --batch_sizes 256 --dtypes bfloat16 --nobreakdown "
+                          "--notorch_compile --reps 2")
+  assert train.startswith("XLA_FLAGS= | scripts/bench.py --config configs/mnist.py --json ")
+  assert train.endswith("/bench_train64.json --parts train --batch_sizes 64")
+  for parts, limits, message in (
+      ("train64 eval", None, "error: GPU_BENCH_PARTS has 'eval'; the parts are"),
+      ("train64 loop", "1 2 3", "error: GPU_BENCH_LIMITS needs one number of seconds for "
+                                "each of the 2 parts (train64 loop), got '1 2 3'")):
+    bad = dict(env, GPU_BENCH_PARTS=parts, GPU_BENCH_LIMITS=limits or "")
+    proc = subprocess.run(script, cwd=ROOT, env=bad, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
 def test_user_errors_are_one_line(tmp_path):
   for args in (["--config", TINY, "--json", tmp_path / "missing" / "out.json"],
                ["--config", TINY, "--json", tmp_path / "out.json", "--batch_sizes", "0"],
