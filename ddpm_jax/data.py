@@ -204,11 +204,16 @@ def load_dataset(data_config: Any, split: str = "train") -> tuple[np.ndarray, np
   return images, labels
 
 
+def check_data_range(data_range: str) -> None:
+  """:class:`UserError` unless ``data_range`` is one of :data:`DATA_RANGES`."""
+  if data_range not in DATA_RANGES:
+    raise UserError(f"data_range must be one of {', '.join(DATA_RANGES)}, got {data_range!r}")
+
+
 def to_unit_range(images: np.ndarray, data_range: str) -> np.ndarray:
   """Maps float images in ``data_range`` ('zero_one' or 'minus_one_one') to [0, 1],
   unclipped, as float32."""
-  if data_range not in DATA_RANGES:
-    raise UserError(f"data_range must be one of {', '.join(DATA_RANGES)}, got {data_range!r}")
+  check_data_range(data_range)
   images = np.asarray(images, np.float32)
   return (images + 1.0) / 2.0 if data_range == "minus_one_one" else images
 
@@ -222,8 +227,7 @@ def preprocess(images: np.ndarray, image_size: int = 32, data_range: str = "zero
   """
   if images.dtype != np.uint8 or images.ndim != 4:
     raise TypeError(f"expected uint8 [N, H, W, C] images, got {images.dtype} {images.shape}")
-  if data_range not in DATA_RANGES:
-    raise UserError(f"unknown data_range {data_range!r}; use one of {', '.join(DATA_RANGES)}")
+  check_data_range(data_range)
   height, width = images.shape[1:3]
   pad_h, pad_w = image_size - height, image_size - width
   if pad_h < 0 or pad_w < 0 or pad_h % 2 or pad_w % 2:

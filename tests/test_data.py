@@ -320,7 +320,8 @@ def test_preprocess_other_sizes():
 @pytest.mark.parametrize("size,data_range,match", [
     (26, "zero_one", "cannot pad 28x28"),
     (31, "zero_one", "cannot pad 28x28"),
-    (32, "minus_one_to_one", "unknown data_range"),
+    (32, "minus_one_to_one", "data_range must be one of zero_one, minus_one_one, got "
+                             "'minus_one_to_one'"),
 ])
 def test_preprocess_errors(size, data_range, match):
   with pytest.raises(UserError, match=match):
