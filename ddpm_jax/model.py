@@ -165,7 +165,7 @@ class UpConv(nn.Module):
     kernel = self.param("kernel", TORCH_KERNEL_INIT, (4, 4, f, c))
     bias = self.param("bias", torch_bias_init(16 * f), (f,))
     y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), phase_taps(kernel).astype(self.dtype), (1, 1),
+        x.astype(self.dtype), phase_taps(kernel.astype(self.dtype)), (1, 1),
         ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
     n, h, w, _ = y.shape
     y = y.reshape(n, h, w, 2, 2, f).transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, f)
