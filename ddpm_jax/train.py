@@ -156,14 +156,21 @@ def make_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("data",))
 
 
-def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh):
-  """The jitted step: state replicated and donated, batch split on the ``data`` axis."""
-  replicated = NamedSharding(mesh, P())
-  step = functools.partial(
+def train_step_fn(config: ml_collections.ConfigDict
+                  ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
+  """``step(state, batch) -> (state, metrics)``: :func:`train_step` with ``config``'s
+  model, schedule, optimizer, EMA and ``nan_policy``, not yet jitted."""
+  return functools.partial(
       train_step, apply_fn=build_unet(config.model).apply, schedule=make_schedule(config),
       tx=make_tx(config), ema_decay=config.ema_decay,
       skip_nonfinite=config.nan_policy == "skip")
-  return jax.jit(step, in_shardings=(replicated, NamedSharding(mesh, P("data"))),
+
+
+def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh):
+  """The jitted step: state replicated and donated, batch split on the ``data`` axis."""
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(train_step_fn(config),
+                 in_shardings=(replicated, NamedSharding(mesh, P("data"))),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 

@@ -59,6 +59,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import flags
+from jax.experimental.layout import Format, Layout
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
@@ -108,7 +109,7 @@ PROFILE_STEPS = 3
 
 # --quick: CI-sized settings, applied to the flags not given on the command line.
 QUICK = dict(batch_sizes=["8"], reps=2, warmup=1, min_rep_s=0.0, sample_timed_steps=4,
-             reference_timed_steps=2, sample_reps=1, torch_compile=False)
+             reference_timed_steps=2, sample_reps=1, torch_compile=False, xla_layouts=False)
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -117,8 +118,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                                   flag_values=fv, lock_config=True)
   flags.DEFINE_string("json", None, "Where to write every figure (JSON).", flag_values=fv)
   flags.DEFINE_bool("quick", False, "CI-sized run: batch 8, 2 timed repetitions, 4 sampler "
-                    "steps, 2 steps of the original's sampler, no torch.compile (flags given "
-                    "explicitly still win).", flag_values=fv)
+                    "steps, 2 steps of the original's sampler, no torch.compile, no "
+                    "--xla_layouts (flags given explicitly still win).", flag_values=fv)
   flags.DEFINE_list("batch_sizes", ["64", "256"], "Batch sizes of the train step and the "
                     "batched samplers.", flag_values=fv)
   flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "JAX compute dtypes (params stay "
@@ -148,6 +149,10 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_bool("breakdown", True, "Time forward, backward and optimizer+EMA of the "
                     "float32 step separately, for both frameworks (first batch size).",
                     flag_values=fv)
+  flags.DEFINE_bool("xla_layouts", True, "In the breakdown, also time the float32 step "
+                    "with its state in the device layouts XLA picks (Layout.AUTO) rather "
+                    "than row-major: one or two more compilations (off with --quick).",
+                    flag_values=fv)
   flags.DEFINE_bool("profile", True, f"Trace {PROFILE_STEPS} calls of the JAX step of the "
                     "first of --dtypes at the first batch size with jax.profiler and report "
                     "its op time by phase and UNet layer.", flag_values=fv)
@@ -169,6 +174,7 @@ class Settings:
   sample_reps: int
   torch_compile: bool
   breakdown: bool
+  xla_layouts: bool
   profile: bool
   profile_dir: str | None
   parts: tuple[str, ...]
@@ -180,7 +186,7 @@ def settings_from_flags(fv: flags.FlagValues) -> Settings:
   values = {name: fv[name].value for name in (
       "batch_sizes", "dtypes", "reps", "warmup", "min_rep_s", "ddim_steps",
       "sample_timed_steps", "reference_timed_steps", "sample_reps", "torch_compile",
-      "breakdown", "profile", "profile_dir", "parts")}
+      "breakdown", "xla_layouts", "profile", "profile_dir", "parts")}
   if fv.quick:
     values.update({k: v for k, v in QUICK.items() if not fv[k].present})
   try:
@@ -535,10 +541,72 @@ def time_update_variants(config: ml_collections.ConfigDict, state: train.TrainSt
   return rows
 
 
+def is_row_major(array: Any, layout_format: Format) -> bool:
+  """Whether ``layout_format`` lays ``array`` out as JAX does by default (row-major)."""
+  return tuple(layout_format.layout.major_to_minor) == tuple(range(array.ndim))
+
+
+def step_in_formats(config: ml_collections.ConfigDict, formats: Any, state: train.TrainState,
+                    x: jax.Array) -> tuple[jax.stages.Compiled, train.TrainState]:
+  """The train step compiled to take and give back its state in ``formats`` (a tree of
+  ``Format`` like the state's), donated as the train step donates it, and a copy of
+  ``state`` in those formats."""
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          state)
+  replicated = jax.tree.leaves(state)[0].sharding
+  compiled = jax.jit(train.train_step_fn(config), in_shardings=(formats, x.sharding),
+                     out_shardings=(formats, replicated),
+                     donate_argnums=(0,)).lower(abstract, x).compile()
+  return compiled, jax.device_put(state, formats, may_alias=False)
+
+
+def time_xla_layouts(config: ml_collections.ConfigDict, state: train.TrainState, x: jax.Array,
+                     settings: Settings) -> dict:
+  """The train step with the device layouts of its state left to XLA (``Layout.AUTO``).
+
+  JAX keeps every array row-major, so a backend that wants a convolution's kernel in
+  another order transposes it in every step. Here XLA picks the state's layouts; the
+  step, compiled again with those as both its input and output layouts (so that it loops
+  and donates), is timed on a copy of ``state`` moved into them. ``relaid_leaves`` counts
+  the arrays XLA lays out otherwise; with none (as on a CPU) the step is the train step's
+  own and is not timed again.
+  """
+  replicated = jax.tree.leaves(state)[0].sharding
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          state)
+  auto = Format(Layout.AUTO, replicated)
+  try:
+    probe = jax.jit(train.train_step_fn(config), in_shardings=(auto, x.sharding),
+                    out_shardings=(auto, replicated),
+                    donate_argnums=(0,)).lower(abstract, x).compile()
+    (formats, _), _ = probe.input_formats
+  except (ValueError, NotImplementedError, jax.errors.JaxRuntimeError) as e:
+    return dict(error=" ".join(f"{type(e).__name__}: {e}".split())[:300])
+  leaves = jax.tree.leaves(state)
+  relaid = [a for a, f in zip(leaves, jax.tree.leaves(formats)) if not is_row_major(a, f)]
+  row = dict(leaves=len(leaves), relaid_leaves=len(relaid),
+             relaid_bytes=sum(a.nbytes for a in relaid))
+  if not relaid:
+    return row
+  compiled, current = step_in_formats(config, formats, state, x)
+
+  def run():
+    nonlocal current
+    current, _ = compiled(current, x)
+    return current
+
+  seconds = time_calls(run, jax.block_until_ready, settings.reps, max(settings.warmup, 1),
+                       settings.min_rep_s).median
+  return dict(row, step_ms=1e3 * seconds, img_per_s=x.shape[0] / seconds,
+              xla_copies=profiling.copy_instructions(compiled.as_text()))
+
+
 def jax_breakdown(config: ml_collections.ConfigDict, state: train.TrainState, x: jax.Array,
                   step_s: float, settings: Settings) -> dict:
   """Forward (loss, train mode) and optimizer+EMA timed alone; backward is the rest. Also
-  the optimizer+EMA update written other ways (:func:`time_update_variants`)."""
+  the optimizer+EMA update written other ways (:func:`time_update_variants`) and, with
+  ``settings.xla_layouts``, the step with its state in the layouts XLA would pick
+  (:func:`time_xla_layouts`)."""
   apply_fn = build_unet(config.model).apply
   schedule = train.make_schedule(config)
   forward = jax.jit(lambda p, x, rng: diffusion.loss(p, apply_fn, schedule, x, rng))
@@ -559,7 +627,9 @@ def jax_breakdown(config: ml_collections.ConfigDict, state: train.TrainState, x:
   return dict(step_ms=1e3 * step_s, forward_ms=1e3 * forward_s,
               backward_ms=1e3 * (step_s - forward_s - update_s),
               optimizer_ema_ms=1e3 * update_s,
-              update_variants=time_update_variants(config, state, settings))
+              update_variants=time_update_variants(config, state, settings),
+              xla_layouts=(time_xla_layouts(config, state, x, settings)
+                           if settings.xla_layouts else None))
 
 
 def jax_sample(config: ml_collections.ConfigDict, dtype: str, batch: int, sampler: str,
@@ -1166,6 +1236,14 @@ def report(doc: dict) -> str:
                 "| update | ms | GB/s |", "|---|---|---|"]
       lines += [f"| {v['variant']} | {v['ms']:.2f} | {v['gb_per_s']:.0f} |"
                 for v in j["update_variants"]]
+    layouts = j.get("xla_layouts")
+    if layouts:
+      lines += ["", "The float32 step with its state in the layouts XLA picks: " + (
+          layouts["error"] if "error" in layouts else
+          f"{layouts['relaid_leaves']} of {layouts['leaves']} arrays not row-major"
+          + (f" ({layouts['relaid_bytes'] / 2**20:.0f} MiB), {layouts['step_ms']:.2f} ms a "
+             f"step against {j['step_ms']:.2f}" if layouts["relaid_leaves"] else
+             ": the train step's own program"))]
   profiled = next((r for r in doc["train"] if r.get("profile")), None)
   if profiled:
     lines += ["", f"JAX's {profiled['dtype']} step at batch {profiled['batch']} in a "

@@ -235,6 +235,52 @@ def test_update_variants_compute_optax_adam_and_the_ema(monkeypatch):
   assert min(moved) > 1e-5  # Three real steps: the check above compares moved numbers.
 
 
+def test_the_step_runs_with_its_state_in_other_layouts(monkeypatch):
+  """``time_xla_layouts`` finds on the CPU that XLA keeps every state array row-major;
+  ``step_in_formats``, the step it would time otherwise, takes and gives back its state
+  in the layouts it is given (here the reverse order of every kernel's dimensions), so it
+  loops, and computes the train step's numbers."""
+  monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+  import bench  # pylint: disable=g-import-not-at-top,import-error
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  config = micro_config(batch_size=2)
+  # Two layers (a down and an up one), to keep the three compilations short.
+  config.model.update(channels=(8, 16), attentions=(False, True), upscales=(False, True))
+  mesh = bench.train.make_mesh()
+  replicated = NamedSharding(mesh, P())
+  initial = bench.train.create_train_state(config, replicated)
+  x = jax.device_put(jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 1)),
+                     NamedSharding(mesh, P("data")))
+  fv = bench.flags.FlagValues()
+  bench.define_flags(fv)
+  fv(["bench", "--reps", "1", "--warmup", "0", "--min_rep_s", "0"])
+  found = bench.time_xla_layouts(config, initial, x, bench.settings_from_flags(fv))
+  leaves = jax.tree.leaves(initial)
+  assert found == dict(leaves=len(leaves), relaid_leaves=0, relaid_bytes=0)
+
+  formats = jax.tree.map(
+      lambda a: bench.Format(bench.Layout(major_to_minor=tuple(reversed(range(a.ndim)))
+                                          if a.ndim == 4 else tuple(range(a.ndim))),
+                             replicated), initial)
+  compiled, state = bench.step_in_formats(config, formats, initial, x)
+  reference = bench.train.make_train_step(config, mesh)
+  expected = jax.tree.map(lambda a: a.copy(), initial)
+  for _ in range(2):
+    state, _ = compiled(state, x)
+    expected, _ = reference(expected, x)
+  relaid = [a for a, f in zip(jax.tree.leaves(state), jax.tree.leaves(formats))
+            if not bench.is_row_major(a, f)]
+  # 13 conv kernels (4 per layer in its ResBlocks, 1 for its resampling, 3 around them)
+  # in each of params, mu, nu and the EMA.
+  assert len(relaid) == 4 * 13
+  assert all(a.format.layout.major_to_minor == f.layout.major_to_minor
+             for a, f in zip(jax.tree.leaves(state), jax.tree.leaves(formats)))
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+
+
 def test_the_profile_takes_the_first_row_and_the_breakdown_float32(monkeypatch):
   monkeypatch.syspath_prepend(str(ROOT / "scripts"))
   import bench  # pylint: disable=g-import-not-at-top,import-error
@@ -269,13 +315,21 @@ def test_gpu_bench_script_runs_the_parts_named_in_order(tmp_path):
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert [l for l in proc.stdout.splitlines() if l.startswith("== ")] == [
       "== profile256 (limit 90 s)", "== profile256: exit 0",
-      "== train64 (limit 240 s)", "== train64: exit 0"]
+      "== train64 (limit 300 s)", "== train64: exit 0"]
   profile, train = log.read_text().splitlines()
   assert profile.startswith("XLA_FLAGS= --xla_gpu_enable_command_buffer= | scripts/bench.py ")
   assert profile.endswith("--parts train --batch_sizes 256 --dtypes bfloat16 --nobreakdown "
                           "--notorch_compile --reps 2")
   assert train.startswith("XLA_FLAGS= | scripts/bench.py --config configs/mnist.py --json ")
   assert train.endswith("/bench_train64.json --parts train --batch_sizes 64")
+  defaults = dict(env)
+  del defaults["GPU_BENCH_PARTS"]
+  proc = subprocess.run(script, cwd=ROOT, env=defaults, capture_output=True, text=True,
+                        timeout=60)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert [l for l in proc.stdout.splitlines() if l.startswith("== ") and "limit" in l] == [
+      "== train64 (limit 300 s)", "== sample64 (limit 50 s)", "== train256 (limit 95 s)",
+      "== sample256 (limit 45 s)", "== loop (limit 60 s)"]
   for parts, limits, message in (
       ("train64 eval", None, "error: GPU_BENCH_PARTS has 'eval'; the parts are"),
       ("train64 loop", "1 2 3", "error: GPU_BENCH_LIMITS needs one number of seconds for "
@@ -407,6 +461,7 @@ def test_gpu_bench_script_leaves_its_files_when_a_part_runs_out_of_time(tmp_path
        "--dtypes", "float32", "--nobreakdown"], cwd=ROOT, capture_output=True, text=True,
       timeout=900, check=False,
       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, GPU_BENCH_LOOP_STEPS="8",
+               GPU_BENCH_PARTS="parity train64 sample64 train256 sample256 loop",
                GPU_BENCH_LIMITS="300 300 300 300 1 300"))
   assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-2000:]
   for part in ("parity", "train64", "sample64", "train256", "loop"):
