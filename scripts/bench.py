@@ -546,13 +546,18 @@ def is_row_major(array: Any, layout_format: Format) -> bool:
   return tuple(layout_format.layout.major_to_minor) == tuple(range(array.ndim))
 
 
+def abstract_of(tree: Any) -> Any:
+  """``tree``'s arrays as shapes, dtypes and shardings, for lowering without them."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                      tree)
+
+
 def step_in_formats(config: ml_collections.ConfigDict, formats: Any, state: train.TrainState,
                     x: jax.Array) -> tuple[jax.stages.Compiled, train.TrainState]:
   """The train step compiled to take and give back its state in ``formats`` (a tree of
   ``Format`` like the state's), donated as the train step donates it, and a copy of
   ``state`` in those formats."""
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                          state)
+  abstract = abstract_of(state)
   replicated = jax.tree.leaves(state)[0].sharding
   compiled = jax.jit(train.train_step_fn(config), in_shardings=(formats, x.sharding),
                      out_shardings=(formats, replicated),
@@ -572,8 +577,7 @@ def time_xla_layouts(config: ml_collections.ConfigDict, state: train.TrainState,
   own and is not timed again.
   """
   replicated = jax.tree.leaves(state)[0].sharding
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                          state)
+  abstract = abstract_of(state)
   auto = Format(Layout.AUTO, replicated)
   try:
     probe = jax.jit(train.train_step_fn(config), in_shardings=(auto, x.sharding),
