@@ -553,16 +553,14 @@ def abstract_of(tree: Any) -> Any:
 
 
 def step_in_formats(config: ml_collections.ConfigDict, formats: Any, state: train.TrainState,
-                    x: jax.Array) -> tuple[jax.stages.Compiled, train.TrainState]:
-  """The train step compiled to take and give back its state in ``formats`` (a tree of
-  ``Format`` like the state's), donated as the train step donates it, and a copy of
-  ``state`` in those formats."""
-  abstract = abstract_of(state)
+                    x: jax.Array) -> jax.stages.Compiled:
+  """The train step compiled to take and give back ``state`` in ``formats`` (a tree of
+  ``Format`` like the state's, or one ``Format(Layout.AUTO)`` to let XLA choose), donated
+  as the train step donates it."""
   replicated = jax.tree.leaves(state)[0].sharding
-  compiled = jax.jit(train.train_step_fn(config), in_shardings=(formats, x.sharding),
-                     out_shardings=(formats, replicated),
-                     donate_argnums=(0,)).lower(abstract, x).compile()
-  return compiled, jax.device_put(state, formats, may_alias=False)
+  return jax.jit(train.train_step_fn(config), in_shardings=(formats, x.sharding),
+                 out_shardings=(formats, replicated),
+                 donate_argnums=(0,)).lower(abstract_of(state), x).compile()
 
 
 def time_xla_layouts(config: ml_collections.ConfigDict, state: train.TrainState, x: jax.Array,
@@ -576,14 +574,9 @@ def time_xla_layouts(config: ml_collections.ConfigDict, state: train.TrainState,
   the arrays XLA lays out otherwise; with none (as on a CPU) the step is the train step's
   own and is not timed again.
   """
-  replicated = jax.tree.leaves(state)[0].sharding
-  abstract = abstract_of(state)
-  auto = Format(Layout.AUTO, replicated)
+  auto = Format(Layout.AUTO, jax.tree.leaves(state)[0].sharding)
   try:
-    probe = jax.jit(train.train_step_fn(config), in_shardings=(auto, x.sharding),
-                    out_shardings=(auto, replicated),
-                    donate_argnums=(0,)).lower(abstract, x).compile()
-    (formats, _), _ = probe.input_formats
+    (formats, _), _ = step_in_formats(config, auto, state, x).input_formats
   except (ValueError, NotImplementedError, jax.errors.JaxRuntimeError) as e:
     return dict(error=" ".join(f"{type(e).__name__}: {e}".split())[:300])
   leaves = jax.tree.leaves(state)
@@ -592,7 +585,8 @@ def time_xla_layouts(config: ml_collections.ConfigDict, state: train.TrainState,
              relaid_bytes=sum(a.nbytes for a in relaid))
   if not relaid:
     return row
-  compiled, current = step_in_formats(config, formats, state, x)
+  compiled = step_in_formats(config, formats, state, x)
+  current = jax.device_put(state, formats, may_alias=False)
 
   def run():
     nonlocal current

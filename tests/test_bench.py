@@ -264,7 +264,8 @@ def test_the_step_runs_with_its_state_in_other_layouts(monkeypatch):
       lambda a: bench.Format(bench.Layout(major_to_minor=tuple(reversed(range(a.ndim)))
                                           if a.ndim == 4 else tuple(range(a.ndim))),
                              replicated), initial)
-  compiled, state = bench.step_in_formats(config, formats, initial, x)
+  compiled = bench.step_in_formats(config, formats, initial, x)
+  state = jax.device_put(initial, formats, may_alias=False)
   reference = bench.train.make_train_step(config, mesh)
   expected = jax.tree.map(lambda a: a.copy(), initial)
   for _ in range(2):
