@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import inspect
 import json
 import logging
 import os
@@ -187,6 +188,14 @@ def _quiet_failed_reads():
   for logger in loggers:
     logger.setLevel(logging.CRITICAL)
   hook = sys.unraisablehook
+
+  def drop_coroutines(unraisable) -> None:
+    # A failed read's coroutines can also be collected while it runs, each printing its
+    # error and its array's whole TensorStore spec (thousands of lines).
+    if not inspect.iscoroutine(unraisable.object):
+      hook(unraisable)
+
+  sys.unraisablehook = drop_coroutines
   try:
     yield
   finally:
