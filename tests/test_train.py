@@ -15,9 +15,10 @@ import numpy as np
 import optax
 import pytest
 
+from jax.experimental.layout import Format, Layout
 from PIL import Image
 
-from ddpm_jax import checkpoint, images, profiling, sampling
+from ddpm_jax import checkpoint, images, profiling, sampling, train
 from ddpm_jax.model import build_unet
 from ddpm_jax.schedule import linear_schedule
 from ddpm_jax.train import abstract_train_state, sample_grid_path, train_and_evaluate
@@ -57,6 +58,47 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, capsys):
   assert [(l["step"], l.get("resumed_from")) for l in lines] == [
       (2, None), (3, None), (4, 3), (6, None)]
   assert config.num_train_steps == 6
+
+
+def test_a_run_with_its_state_in_other_device_layouts_trains_and_resumes_the_same(
+    tmp_path, monkeypatch):
+  """On a GPU the loop keeps the state in layouts XLA picks (``compile_train_step``); on a
+  CPU these are row-major. Given the reverse order of every kernel's dimensions instead,
+  a run that checkpoints, resumes and writes a sample grid trains the row-major run's
+  numbers, and its checkpoint and grid hold the values of the state in memory."""
+  def config(num_train_steps=4):
+    c = micro_config(sample_every_steps=4, sample_num_images=4, sample_num_steps=3,
+                     ema_decay=0.5, num_train_steps=num_train_steps)
+    c.model.update(channels=(8, 16), attentions=(False, True), upscales=(False, True))
+    return c
+
+  straight = train_and_evaluate(config(), str(tmp_path / "a"))
+  chosen_by_xla = train.compile_train_step
+
+  def reversed_kernels(config, mesh, state, batch, formats=None):
+    assert formats is None  # The loop lets XLA choose.
+    formats = jax.tree.map(lambda a: Format(Layout(major_to_minor=tuple(
+        reversed(range(a.ndim)) if a.ndim == 4 else range(a.ndim))), a.sharding), state)
+    return chosen_by_xla(config, mesh, state, batch, formats)
+
+  monkeypatch.setattr(train, "compile_train_step", reversed_kernels)
+  train_and_evaluate(config(num_train_steps=2), str(tmp_path / "b"))
+  relaid = train_and_evaluate(config(), str(tmp_path / "b"))
+  # 13 conv kernels in each of params, mu, nu and the EMA.
+  assert sum(a.format.layout.major_to_minor != tuple(range(a.ndim))
+             for a in jax.tree.leaves(relaid)) == 4 * 13
+  # The same sums in another order: float32 rounding, which Adam's normalised steps (1e-3
+  # each at this rate) carry into the weights at ~1e-6.
+  for x, y in zip(_leaves(straight), _leaves(relaid), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+  _, params, ema = checkpoint.load_run(tmp_path / "b")
+  for x, y in zip(_leaves((params, ema)), _leaves((relaid.params, relaid.ema_params))):
+    np.testing.assert_array_equal(x, y)
+  grids = []
+  for run in ("a", "b"):
+    with Image.open(sample_grid_path(tmp_path / run, 4)) as png:
+      grids.append(np.asarray(png).astype(int))
+  assert np.abs(grids[0] - grids[1]).max() <= 1
 
 
 def test_resuming_under_another_seed_says_what_that_does(tmp_path, capsys):
