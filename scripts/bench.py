@@ -149,9 +149,10 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_bool("breakdown", True, "Time forward, backward and optimizer+EMA of the "
                     "float32 step separately, for both frameworks (first batch size).",
                     flag_values=fv)
-  flags.DEFINE_bool("xla_layouts", True, "In the breakdown, also time the float32 step "
-                    "with its state in the device layouts XLA picks (Layout.AUTO) rather "
-                    "than row-major: one or two more compilations (off with --quick).",
+  flags.DEFINE_bool("xla_layouts", True, "In the breakdown, count the state arrays that "
+                    "the train step keeps in layouts XLA picks (Layout.AUTO) and, if any, "
+                    "time the float32 step with them all row-major instead: one more "
+                    "compilation (off with --quick).",
                     flag_values=fv)
   flags.DEFINE_bool("profile", True, f"Trace {PROFILE_STEPS} calls of the JAX step of the "
                     "first of --dtypes at the first batch size with jax.profiler and report "
@@ -422,8 +423,9 @@ def jax_train(config: ml_collections.ConfigDict, dtype: str, batch: int,
   x = jax.device_put(jax.random.uniform(jax.random.PRNGKey(1), (batch,) + image_shape(config)),
                      NamedSharding(mesh, P("data")))
   start = time.perf_counter()
-  compiled = train.make_train_step(config, mesh).lower(state, x).compile()
+  compiled, formats = train.compile_train_step(config, mesh, state, x)
   compile_s = time.perf_counter() - start
+  state = jax.device_put(state, formats)  # The state in the layouts the loop keeps it in.
 
   def run():
     nonlocal state
@@ -546,47 +548,23 @@ def is_row_major(array: Any, layout_format: Format) -> bool:
   return tuple(layout_format.layout.major_to_minor) == tuple(range(array.ndim))
 
 
-def abstract_of(tree: Any) -> Any:
-  """``tree``'s arrays as shapes, dtypes and shardings, for lowering without them."""
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                      tree)
-
-
-def step_in_formats(config: ml_collections.ConfigDict, formats: Any, state: train.TrainState,
-                    x: jax.Array) -> jax.stages.Compiled:
-  """The train step compiled to take and give back ``state`` in ``formats`` (a tree of
-  ``Format`` like the state's, or one ``Format(Layout.AUTO)`` to let XLA choose), donated
-  as the train step donates it."""
-  replicated = jax.tree.leaves(state)[0].sharding
-  return jax.jit(train.train_step_fn(config), in_shardings=(formats, x.sharding),
-                 out_shardings=(formats, replicated),
-                 donate_argnums=(0,)).lower(abstract_of(state), x).compile()
-
-
-def time_xla_layouts(config: ml_collections.ConfigDict, state: train.TrainState, x: jax.Array,
-                     settings: Settings) -> dict:
-  """The train step with the device layouts of its state left to XLA (``Layout.AUTO``).
-
-  JAX keeps every array row-major, so a backend that wants a convolution's kernel in
-  another order transposes it in every step. Here XLA picks the state's layouts; the
-  step, compiled again with those as both its input and output layouts (so that it loops
-  and donates), is timed on a copy of ``state`` moved into them. ``relaid_leaves`` counts
-  the arrays XLA lays out otherwise; with none (as on a CPU) the step is the train step's
-  own and is not timed again.
-  """
-  auto = Format(Layout.AUTO, jax.tree.leaves(state)[0].sharding)
-  try:
-    (formats, _), _ = step_in_formats(config, auto, state, x).input_formats
-  except (ValueError, NotImplementedError, jax.errors.JaxRuntimeError) as e:
-    return dict(error=" ".join(f"{type(e).__name__}: {e}".split())[:300])
+def time_row_major(config: ml_collections.ConfigDict, state: train.TrainState, x: jax.Array,
+                   settings: Settings) -> dict:
+  """How many arrays of the train step's ``state`` XLA lays out other than row-major
+  (:func:`ddpm_jax.train.compile_train_step`) and, where it does, the step with its state
+  kept row-major (JAX's default layouts, as the step ran before it left them to XLA),
+  timed on a copy of ``state`` moved into them. With none (as on a CPU) the two steps are
+  one program and it is not timed again."""
   leaves = jax.tree.leaves(state)
-  relaid = [a for a, f in zip(leaves, jax.tree.leaves(formats)) if not is_row_major(a, f)]
+  relaid = [a for a in leaves if not is_row_major(a, a.format)]
   row = dict(leaves=len(leaves), relaid_leaves=len(relaid),
              relaid_bytes=sum(a.nbytes for a in relaid))
   if not relaid:
     return row
-  compiled = step_in_formats(config, formats, state, x)
-  current = jax.device_put(state, formats, may_alias=False)
+  row_major = train.row_major_formats(state)
+  compiled, _ = train.compile_train_step(config, x.sharding.mesh, state, x,
+                                         formats=row_major)
+  current = jax.device_put(state, row_major, may_alias=False)
 
   def run():
     nonlocal current
@@ -595,16 +573,20 @@ def time_xla_layouts(config: ml_collections.ConfigDict, state: train.TrainState,
 
   seconds = time_calls(run, jax.block_until_ready, settings.reps, max(settings.warmup, 1),
                        settings.min_rep_s).median
-  return dict(row, step_ms=1e3 * seconds, img_per_s=x.shape[0] / seconds,
-              xla_copies=profiling.copy_instructions(compiled.as_text()))
+  return dict(row, row_major_step_ms=1e3 * seconds, row_major_img_per_s=x.shape[0] / seconds,
+              row_major_xla_copies=profiling.copy_instructions(compiled.as_text()))
 
 
 def jax_breakdown(config: ml_collections.ConfigDict, state: train.TrainState, x: jax.Array,
                   step_s: float, settings: Settings) -> dict:
   """Forward (loss, train mode) and optimizer+EMA timed alone; backward is the rest. Also
   the optimizer+EMA update written other ways (:func:`time_update_variants`) and, with
-  ``settings.xla_layouts``, the step with its state in the layouts XLA would pick
-  (:func:`time_xla_layouts`)."""
+  ``settings.xla_layouts``, the step with its state row-major rather than in the layouts
+  XLA picks (:func:`time_row_major`)."""
+  # First, while ``state`` is in the train step's layouts; the parts alone are plain jits,
+  # timed on a row-major copy, as JAX lays out their arrays by default.
+  layouts = time_row_major(config, state, x, settings) if settings.xla_layouts else None
+  state = jax.device_put(state, train.row_major_formats(state), may_alias=False)
   apply_fn = build_unet(config.model).apply
   schedule = train.make_schedule(config)
   forward = jax.jit(lambda p, x, rng: diffusion.loss(p, apply_fn, schedule, x, rng))
@@ -626,8 +608,7 @@ def jax_breakdown(config: ml_collections.ConfigDict, state: train.TrainState, x:
               backward_ms=1e3 * (step_s - forward_s - update_s),
               optimizer_ema_ms=1e3 * update_s,
               update_variants=time_update_variants(config, state, settings),
-              xla_layouts=(time_xla_layouts(config, state, x, settings)
-                           if settings.xla_layouts else None))
+              xla_layouts=layouts)
 
 
 def jax_sample(config: ml_collections.ConfigDict, dtype: str, batch: int, sampler: str,
@@ -1236,12 +1217,15 @@ def report(doc: dict) -> str:
                 for v in j["update_variants"]]
     layouts = j.get("xla_layouts")
     if layouts:
-      lines += ["", "The float32 step with its state in the layouts XLA picks: " + (
-          layouts["error"] if "error" in layouts else
-          f"{layouts['relaid_leaves']} of {layouts['leaves']} arrays not row-major"
-          + (f" ({layouts['relaid_bytes'] / 2**20:.0f} MiB), {layouts['step_ms']:.2f} ms a "
-             f"step against {j['step_ms']:.2f}" if layouts["relaid_leaves"] else
-             ": the train step's own program"))]
+      lines += ["", "The float32 step keeps its state in the layouts XLA picks: "
+                f"{layouts['relaid_leaves']} of {layouts['leaves']} arrays not row-major" + (
+                    f" ({layouts['relaid_bytes'] / 2**20:.0f} MiB); with all of them "
+                    f"row-major it takes {layouts['row_major_step_ms']:.2f} ms a step "
+                    f"against {j['step_ms']:.2f}, with "
+                    f"{layouts['row_major_xla_copies']['count']} copy kernels writing "
+                    f"{layouts['row_major_xla_copies']['bytes'] / 2**20:.0f} MiB"
+                    if layouts["relaid_leaves"] else
+                    " (all row-major: the default step's own program)")]
   profiled = next((r for r in doc["train"] if r.get("profile")), None)
   if profiled:
     lines += ["", f"JAX's {profiled['dtype']} step at batch {profiled['batch']} in a "

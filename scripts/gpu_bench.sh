@@ -11,7 +11,8 @@
 #   sample256  its samplers at batch 256
 #   loop       python -m ddpm_jax.train itself for GPU_BENCH_LOOP_STEPS steps (default
 #              1500) on the bundled digits, whose metrics give the whole loop's time per
-#              step (data, dispatch, logging included), projected to the original's 70,275
+#              step (data, dispatch, logging included), projected to the original's 70,275;
+#              GPU_BENCH_LOOP_FLAGS adds train flags (--config.model.dtype=bfloat16)
 #   profile256 (only when named) the bfloat16 step at batch 256 in a profile, with XLA's
 #              command buffers off so that the trace names each kernel (its timings are
 #              not the ones to quote; left out of the merge)
@@ -91,7 +92,8 @@ loop() {
   run_part loop "$1" "$python" -m ddpm_jax.train --config "$config" \
     --workdir "$workdir" --config.num_train_steps="$loop_steps" \
     --config.log_every_steps=$(( loop_steps / 8 > 0 ? loop_steps / 8 : 1 )) \
-    --config.checkpoint_every_steps="$loop_steps" --config.lr_schedule=constant
+    --config.checkpoint_every_steps="$loop_steps" --config.lr_schedule=constant \
+    ${GPU_BENCH_LOOP_FLAGS:-}
   if [ -s "$workdir/metrics.jsonl" ]; then
     cp "$workdir/metrics.jsonl" "$out/loop_metrics.jsonl"
     "$python" - "$out/loop_metrics.jsonl" <<'EOF'

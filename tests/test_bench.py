@@ -236,17 +236,18 @@ def test_update_variants_compute_optax_adam_and_the_ema(monkeypatch):
 
 
 def test_the_step_runs_with_its_state_in_other_layouts(monkeypatch):
-  """``time_xla_layouts`` finds on the CPU that XLA keeps every state array row-major;
-  ``step_in_formats``, the step it would time otherwise, takes and gives back its state
-  in the layouts it is given (here the reverse order of every kernel's dimensions), so it
-  loops, and computes the train step's numbers."""
+  """On the CPU XLA keeps every state array row-major, so ``time_row_major`` finds nothing
+  to time; ``compile_train_step`` given other layouts (here the reverse order of every
+  kernel's dimensions) takes and gives back its state in them, so it loops, and computes
+  the row-major step's numbers; the breakdown of a step in those layouts times it
+  row-major."""
   monkeypatch.syspath_prepend(str(ROOT / "scripts"))
   import bench  # pylint: disable=g-import-not-at-top,import-error
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   config = micro_config(batch_size=2)
-  # Two layers (a down and an up one), to keep the three compilations short.
+  # Two layers (a down and an up one), to keep the compilations short.
   config.model.update(channels=(8, 16), attentions=(False, True), upscales=(False, True))
   mesh = bench.train.make_mesh()
   replicated = NamedSharding(mesh, P())
@@ -256,23 +257,26 @@ def test_the_step_runs_with_its_state_in_other_layouts(monkeypatch):
   fv = bench.flags.FlagValues()
   bench.define_flags(fv)
   fv(["bench", "--reps", "1", "--warmup", "0", "--min_rep_s", "0"])
-  found = bench.time_xla_layouts(config, initial, x, bench.settings_from_flags(fv))
+  _, chosen = bench.train.compile_train_step(config, mesh, initial, x)
   leaves = jax.tree.leaves(initial)
+  assert all(bench.is_row_major(a, f) for a, f in zip(leaves, jax.tree.leaves(chosen)))
+  found = bench.time_row_major(config, jax.device_put(initial, chosen), x,
+                               bench.settings_from_flags(fv))
   assert found == dict(leaves=len(leaves), relaid_leaves=0, relaid_bytes=0)
 
   formats = jax.tree.map(
       lambda a: bench.Format(bench.Layout(major_to_minor=tuple(reversed(range(a.ndim)))
                                           if a.ndim == 4 else tuple(range(a.ndim))),
                              replicated), initial)
-  compiled = bench.step_in_formats(config, formats, initial, x)
+  compiled, _ = bench.train.compile_train_step(config, mesh, initial, x,
+                                               formats=formats)
   state = jax.device_put(initial, formats, may_alias=False)
   reference = bench.train.make_train_step(config, mesh)
   expected = jax.tree.map(lambda a: a.copy(), initial)
   for _ in range(2):
     state, _ = compiled(state, x)
     expected, _ = reference(expected, x)
-  relaid = [a for a, f in zip(jax.tree.leaves(state), jax.tree.leaves(formats))
-            if not bench.is_row_major(a, f)]
+  relaid = [a for a in jax.tree.leaves(state) if not bench.is_row_major(a, a.format)]
   # 13 conv kernels (4 per layer in its ResBlocks, 1 for its resampling, 3 around them)
   # in each of params, mu, nu and the EMA.
   assert len(relaid) == 4 * 13
@@ -280,6 +284,10 @@ def test_the_step_runs_with_its_state_in_other_layouts(monkeypatch):
              for a, f in zip(jax.tree.leaves(state), jax.tree.leaves(formats)))
   for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+  # The breakdown counts and times the step's own layouts before its parts move the state.
+  found = bench.jax_breakdown(config, state, x, 1.0, bench.settings_from_flags(fv))
+  assert found["xla_layouts"]["relaid_leaves"] == 4 * 13
+  assert found["xla_layouts"]["row_major_step_ms"] > 0
 
 
 def test_the_profile_takes_the_first_row_and_the_breakdown_float32(monkeypatch):
@@ -302,9 +310,10 @@ def test_the_profile_takes_the_first_row_and_the_breakdown_float32(monkeypatch):
 
 def test_gpu_bench_script_runs_the_parts_named_in_order(tmp_path):
   """``GPU_BENCH_PARTS`` picks and orders the parts, each with its limit; profile256 runs
-  the bfloat16 step at batch 256 with XLA's command buffers off, and only it; a part the
-  script does not know, or a limit count that does not match, is a one-line error. Run
-  with a stand-in for Python that logs its environment and arguments."""
+  the bfloat16 step at batch 256 with XLA's command buffers off, and only it; the loop
+  takes ``GPU_BENCH_LOOP_FLAGS``; a part the script does not know, or a limit count that
+  does not match, is a one-line error. Run with a stand-in for Python that logs its
+  environment and arguments."""
   log = tmp_path / "calls.log"
   fake = tmp_path / "python"
   fake.write_text(f'#!/usr/bin/env bash\necho "XLA_FLAGS=${{XLA_FLAGS:-}} | $*" >> {log}\n')
@@ -323,7 +332,7 @@ def test_gpu_bench_script_runs_the_parts_named_in_order(tmp_path):
                           "--notorch_compile --reps 2")
   assert train.startswith("XLA_FLAGS= | scripts/bench.py --config configs/mnist.py --json ")
   assert train.endswith("/bench_train64.json --parts train --batch_sizes 64")
-  defaults = dict(env)
+  defaults = dict(env, GPU_BENCH_LOOP_FLAGS="--config.model.dtype=bfloat16")
   del defaults["GPU_BENCH_PARTS"]
   proc = subprocess.run(script, cwd=ROOT, env=defaults, capture_output=True, text=True,
                         timeout=60)
@@ -331,6 +340,9 @@ def test_gpu_bench_script_runs_the_parts_named_in_order(tmp_path):
   assert [l for l in proc.stdout.splitlines() if l.startswith("== ") and "limit" in l] == [
       "== train64 (limit 300 s)", "== sample64 (limit 50 s)", "== train256 (limit 95 s)",
       "== sample256 (limit 45 s)", "== loop (limit 60 s)"]
+  loop = log.read_text().splitlines()[-1]
+  assert loop.startswith("XLA_FLAGS= | -m ddpm_jax.train --config configs/mnist.py ")
+  assert loop.endswith("--config.lr_schedule=constant --config.model.dtype=bfloat16")
   for parts, limits, message in (
       ("train64 eval", None, "error: GPU_BENCH_PARTS has 'eval'; the parts are"),
       ("train64 loop", "1 2 3", "error: GPU_BENCH_LIMITS needs one number of seconds for "
