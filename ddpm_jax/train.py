@@ -107,16 +107,19 @@ def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
   return jax.eval_shape(functools.partial(_init_state, config))
 
 
-def train_step(state: TrainState, batch: jax.Array, *, apply_fn, schedule: Schedule, tx,
-               ema_decay: float, skip_nonfinite: bool) -> tuple[TrainState, dict]:
-  """One step: the original's loss on ``batch``, Adam, the EMA; rngs from ``fold_in(step)``.
+def train_step(state: TrainState, batch: jax.Array, *, apply_fn, schedule: Schedule,
+               update: Callable[[TrainState, Any], TrainState],
+               skip_nonfinite: bool) -> tuple[TrainState, dict]:
+  """One step: the original's loss on ``batch``, then ``update(state, grads)`` (Adam, the
+  EMA and the step count: :func:`~ddpm_jax.train_state.apply_gradients`); rngs from
+  ``fold_in(step)``.
 
   ``finite`` says the loss and every gradient were finite; with ``skip_nonfinite`` a step
   where they were not leaves the state as it was, except for the step count.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   loss, grads = jax.value_and_grad(diffusion.loss)(state.params, apply_fn, schedule, batch, rng)
-  new_state = apply_gradients(state, grads, tx, ema_decay)
+  new_state = update(state, grads)
   finite = jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda g: jnp.isfinite(g).all(), grads),
                            jnp.isfinite(loss))
   if skip_nonfinite:
@@ -157,14 +160,16 @@ def make_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("data",))
 
 
-def train_step_fn(config: ml_collections.ConfigDict
+def train_step_fn(config: ml_collections.ConfigDict, update: Callable | None = None
                   ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
   """``step(state, batch) -> (state, metrics)``: :func:`train_step` with ``config``'s
-  model, schedule, optimizer, EMA and ``nan_policy``, not yet jitted."""
+  model, schedule, optimizer, EMA and ``nan_policy``, not yet jitted. ``update`` replaces
+  the optimizer and EMA update (the bench times others written the same way)."""
+  if update is None:
+    update = functools.partial(apply_gradients, tx=make_tx(config), ema_decay=config.ema_decay)
   return functools.partial(
       train_step, apply_fn=build_unet(config.model).apply, schedule=make_schedule(config),
-      tx=make_tx(config), ema_decay=config.ema_decay,
-      skip_nonfinite=config.nan_policy == "skip")
+      update=update, skip_nonfinite=config.nan_policy == "skip")
 
 
 def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh):
@@ -184,7 +189,8 @@ def row_major_formats(tree: Any) -> Any:
 
 
 def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh, state: Any, batch: Any,
-                       formats: Any = None) -> tuple[jax.stages.Compiled, Any]:
+                       formats: Any = None, update: Callable | None = None
+                       ) -> tuple[jax.stages.Compiled, Any]:
   """:func:`make_train_step` compiled for ``state`` and ``batch`` (arrays or
   ``ShapeDtypeStruct``), with the state kept on the device in XLA's own layouts.
 
@@ -195,7 +201,8 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh, state: Any
   CPU keeps every array row-major. The step takes and gives back its state in one format
   per leaf, returned with it (``formats``: given instead of chosen, for tests): move the
   state into them once, ``jax.device_put(state, formats)``. The values and everything read
-  from the arrays (checkpoints, samples) are the same in any layout.
+  from the arrays (checkpoints, samples) are the same in any layout. ``update``: as
+  :func:`train_step_fn`'s.
   """
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
@@ -204,7 +211,8 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh, state: Any
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
 
   def compile_with(state_formats):
-    return jax.jit(train_step_fn(config), in_shardings=(state_formats, batch_sharding),
+    return jax.jit(train_step_fn(config, update),
+                   in_shardings=(state_formats, batch_sharding),
                    out_shardings=(state_formats, replicated),
                    donate_argnums=(0,)).lower(abstract, batch).compile()
 

@@ -109,7 +109,8 @@ PROFILE_STEPS = 3
 
 # --quick: CI-sized settings, applied to the flags not given on the command line.
 QUICK = dict(batch_sizes=["8"], reps=2, warmup=1, min_rep_s=0.0, sample_timed_steps=4,
-             reference_timed_steps=2, sample_reps=1, torch_compile=False, xla_layouts=False)
+             reference_timed_steps=2, sample_reps=1, torch_compile=False, xla_layouts=False,
+             variant_steps=False)
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -119,7 +120,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("json", None, "Where to write every figure (JSON).", flag_values=fv)
   flags.DEFINE_bool("quick", False, "CI-sized run: batch 8, 2 timed repetitions, 4 sampler "
                     "steps, 2 steps of the original's sampler, no torch.compile, no "
-                    "--xla_layouts (flags given explicitly still win).", flag_values=fv)
+                    "--xla_layouts or --variant_steps (flags given explicitly still win).", flag_values=fv)
   flags.DEFINE_list("batch_sizes", ["64", "256"], "Batch sizes of the train step and the "
                     "batched samplers.", flag_values=fv)
   flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "JAX compute dtypes (params stay "
@@ -154,6 +155,10 @@ def define_flags(fv: flags.FlagValues) -> None:
                     "time the float32 step with them all row-major instead: one more "
                     "compilation (off with --quick).",
                     flag_values=fv)
+  flags.DEFINE_bool("variant_steps", True, "In the breakdown, also time the whole float32 "
+                    "step with each way of writing the optimizer+EMA update in it: three "
+                    "more compilations, one a cache load for a constant-rate config (off "
+                    "with --quick).", flag_values=fv)
   flags.DEFINE_bool("profile", True, f"Trace {PROFILE_STEPS} calls of the JAX step of the "
                     "first of --dtypes at the first batch size with jax.profiler and report "
                     "its op time by phase and UNet layer.", flag_values=fv)
@@ -176,6 +181,7 @@ class Settings:
   torch_compile: bool
   breakdown: bool
   xla_layouts: bool
+  variant_steps: bool
   profile: bool
   profile_dir: str | None
   parts: tuple[str, ...]
@@ -187,7 +193,7 @@ def settings_from_flags(fv: flags.FlagValues) -> Settings:
   values = {name: fv[name].value for name in (
       "batch_sizes", "dtypes", "reps", "warmup", "min_rep_s", "ddim_steps",
       "sample_timed_steps", "reference_timed_steps", "sample_reps", "torch_compile",
-      "breakdown", "xla_layouts", "profile", "profile_dir", "parts")}
+      "breakdown", "xla_layouts", "variant_steps", "profile", "profile_dir", "parts")}
   if fv.quick:
     values.update({k: v for k, v in QUICK.items() if not fv[k].present})
   try:
@@ -511,12 +517,44 @@ def update_variant(config: ml_collections.ConfigDict, variant: str) -> Callable:
   return update
 
 
+def constant_rate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of ``config`` whose Adam is the one :func:`update_variant` writes out."""
+  config = copy.deepcopy(config)
+  config.lr_schedule, config.warmup_steps, config.grad_clip_norm = "constant", 0, 0.0
+  return config
+
+
+def time_variant_steps(config: ml_collections.ConfigDict, state: train.TrainState,
+                       x: jax.Array, settings: Settings) -> dict[str, float]:
+  """The whole train step with each of :data:`UPDATE_VARIANTS` as its update (constant
+  rate), timed on a copy of ``state`` kept in its layouts: ms a step by variant. Alone, the
+  three updates took the same time on the H100 whatever their form (the host's dispatch of
+  ~2,000 arrays, likely); inside the step only the kernels count. Where the config's
+  optimizer is already constant-rate Adam, ``optax``'s step is the train row's program
+  (a compilation-cache load where the cache is on)."""
+  config = constant_rate(config)
+  formats = jax.tree.map(lambda a: a.format, state)
+  steps = {}
+  for variant in UPDATE_VARIANTS:
+    compiled, _ = train.compile_train_step(config, x.sharding.mesh, state, x, formats=formats,
+                                           update=update_variant(config, variant))
+    current = jax.device_put(state, formats, may_alias=False)
+
+    def run():
+      nonlocal current
+      current, _ = compiled(current, x)  # pylint: disable=cell-var-from-loop
+      return current
+
+    steps[variant] = 1e3 * time_calls(run, jax.block_until_ready, settings.reps,
+                                      max(settings.warmup, 1), settings.min_rep_s).median
+  return steps
+
+
 def time_update_variants(config: ml_collections.ConfigDict, state: train.TrainState,
                          settings: Settings) -> list[dict]:
   """Each of :data:`UPDATE_VARIANTS` timed alone on a copy of ``state``, with the GB/s of
   its least memory traffic."""
-  config = copy.deepcopy(config)
-  config.lr_schedule, config.warmup_steps, config.grad_clip_norm = "constant", 0, 0.0
+  config = constant_rate(config)
   params = jax.tree.leaves(state.params)
   traffic = UPDATE_PASSES * sum(p.size * p.dtype.itemsize for p in params)
   # Every leaf where the train step keeps it: a leaf elsewhere would make the second call
@@ -586,6 +624,7 @@ def jax_breakdown(config: ml_collections.ConfigDict, state: train.TrainState, x:
   # First, while ``state`` is in the train step's layouts; the parts alone are plain jits,
   # timed on a row-major copy, as JAX lays out their arrays by default.
   layouts = time_row_major(config, state, x, settings) if settings.xla_layouts else None
+  steps = time_variant_steps(config, state, x, settings) if settings.variant_steps else {}
   state = jax.device_put(state, train.row_major_formats(state), may_alias=False)
   apply_fn = build_unet(config.model).apply
   schedule = train.make_schedule(config)
@@ -607,7 +646,8 @@ def jax_breakdown(config: ml_collections.ConfigDict, state: train.TrainState, x:
   return dict(step_ms=1e3 * step_s, forward_ms=1e3 * forward_s,
               backward_ms=1e3 * (step_s - forward_s - update_s),
               optimizer_ema_ms=1e3 * update_s,
-              update_variants=time_update_variants(config, state, settings),
+              update_variants=[dict(row, **({"step_ms": steps[row["variant"]]} if steps else {}))
+                               for row in time_update_variants(config, state, settings)],
               xla_layouts=layouts)
 
 
@@ -1210,10 +1250,14 @@ def report(doc: dict) -> str:
               f"{t['optimizer_ms']:.1f} + {t['ema_ms']:.1f} |",
               f"| whole step | {j['step_ms']:.1f} | {t['step_ms']:.1f} |"]
     if j.get("update_variants"):
+      in_step = all("step_ms" in v for v in j["update_variants"])
       lines += ["", "JAX's optimizer + EMA alone, written three ways (constant rate; GB/s of "
-                f"its least memory traffic, {UPDATE_PASSES} x the parameter bytes):",
-                "| update | ms | GB/s |", "|---|---|---|"]
+                f"its least memory traffic, {UPDATE_PASSES} x the parameter bytes)"
+                + (", and the whole step with each in it:" if in_step else ":"),
+                "| update | ms | GB/s |" + (" step ms |" if in_step else ""),
+                "|---|---|---|" + ("---|" if in_step else "")]
       lines += [f"| {v['variant']} | {v['ms']:.2f} | {v['gb_per_s']:.0f} |"
+                + (f" {v['step_ms']:.2f} |" if in_step else "")
                 for v in j["update_variants"]]
     layouts = j.get("xla_layouts")
     if layouts:

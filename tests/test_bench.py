@@ -239,8 +239,8 @@ def test_the_step_runs_with_its_state_in_other_layouts(monkeypatch):
   """On the CPU XLA keeps every state array row-major, so ``time_row_major`` finds nothing
   to time; ``compile_train_step`` given other layouts (here the reverse order of every
   kernel's dimensions) takes and gives back its state in them, so it loops, and computes
-  the row-major step's numbers; the breakdown of a step in those layouts times it
-  row-major."""
+  the row-major step's numbers, as does the step with the update written as one vector;
+  the breakdown of a step in those layouts times it row-major and with each update."""
   monkeypatch.syspath_prepend(str(ROOT / "scripts"))
   import bench  # pylint: disable=g-import-not-at-top,import-error
   import jax  # pylint: disable=g-import-not-at-top
@@ -273,9 +273,11 @@ def test_the_step_runs_with_its_state_in_other_layouts(monkeypatch):
   state = jax.device_put(initial, formats, may_alias=False)
   reference = bench.train.make_train_step(config, mesh)
   expected = jax.tree.map(lambda a: a.copy(), initial)
-  for _ in range(2):
+  for i in range(2):
     state, _ = compiled(state, x)
     expected, _ = reference(expected, x)
+    if i == 0:
+      after_one = [np.asarray(a) for a in jax.tree.leaves(expected)]
   relaid = [a for a in jax.tree.leaves(state) if not bench.is_row_major(a, a.format)]
   # 13 conv kernels (4 per layer in its ResBlocks, 1 for its resampling, 3 around them)
   # in each of params, mu, nu and the EMA.
@@ -284,10 +286,21 @@ def test_the_step_runs_with_its_state_in_other_layouts(monkeypatch):
              for a, f in zip(jax.tree.leaves(state), jax.tree.leaves(formats)))
   for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
-  # The breakdown counts and times the step's own layouts before its parts move the state.
+  # The step with the update written as one flat vector computes the same numbers (after
+  # one step: in a second, Adam's normalised step carries float32 rounding of the first
+  # into weights whose gradient is near zero, up to 1e-5 here).
+  flat, _ = bench.train.compile_train_step(config, mesh, initial, x,
+                                           update=bench.update_variant(config, "flat"))
+  state_flat, _ = flat(jax.tree.map(lambda a: a.copy(), initial), x)
+  for got, want in zip(jax.tree.leaves(state_flat), after_one):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-7)
+  # The breakdown counts and times the step's own layouts before its parts move the state,
+  # and times the step with each update in it.
   found = bench.jax_breakdown(config, state, x, 1.0, bench.settings_from_flags(fv))
   assert found["xla_layouts"]["relaid_leaves"] == 4 * 13
   assert found["xla_layouts"]["row_major_step_ms"] > 0
+  assert [v["variant"] for v in found["update_variants"]] == list(bench.UPDATE_VARIANTS)
+  assert all(v["step_ms"] > 0 for v in found["update_variants"])
 
 
 def test_the_profile_takes_the_first_row_and_the_breakdown_float32(monkeypatch):
@@ -331,7 +344,7 @@ def test_gpu_bench_script_runs_the_parts_named_in_order(tmp_path):
   assert profile.endswith("--parts train --batch_sizes 256 --dtypes bfloat16 --nobreakdown "
                           "--notorch_compile --reps 2")
   assert train.startswith("XLA_FLAGS= | scripts/bench.py --config configs/mnist.py --json ")
-  assert train.endswith("/bench_train64.json --parts train --batch_sizes 64")
+  assert train.endswith("/bench_train64.json --parts train --batch_sizes 64 --novariant_steps")
   defaults = dict(env, GPU_BENCH_LOOP_FLAGS="--config.model.dtype=bfloat16")
   del defaults["GPU_BENCH_PARTS"]
   proc = subprocess.run(script, cwd=ROOT, env=defaults, capture_output=True, text=True,

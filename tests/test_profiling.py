@@ -229,7 +229,8 @@ def test_the_bench_keeps_a_train_row_whose_profile_fails(monkeypatch):
   settings = bench.Settings(batch_sizes=(2,), dtypes=("float32",), reps=1, warmup=0,
                             min_rep_s=0.0, ddim_steps=2, sample_timed_steps=0,
                             reference_timed_steps=2, sample_reps=1, torch_compile=False,
-                            breakdown=False, xla_layouts=False, profile=True,
+                            breakdown=False, xla_layouts=False, variant_steps=False,
+                            profile=True,
                             profile_dir=None, parts=("train",), quick=True)
   initial = bench.train.create_train_state(config)
   row = bench.jax_train(config, "float32", 2, initial, devices, settings, breakdown=False,
