@@ -59,7 +59,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import flags
-from jax.experimental.layout import Format, Layout
+from jax.experimental.layout import Format
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
@@ -120,7 +120,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("json", None, "Where to write every figure (JSON).", flag_values=fv)
   flags.DEFINE_bool("quick", False, "CI-sized run: batch 8, 2 timed repetitions, 4 sampler "
                     "steps, 2 steps of the original's sampler, no torch.compile, no "
-                    "--xla_layouts or --variant_steps (flags given explicitly still win).", flag_values=fv)
+                    "--xla_layouts or --variant_steps (flags given explicitly still win).",
+                    flag_values=fv)
   flags.DEFINE_list("batch_sizes", ["64", "256"], "Batch sizes of the train step and the "
                     "batched samplers.", flag_values=fv)
   flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "JAX compute dtypes (params stay "
@@ -517,53 +518,62 @@ def update_variant(config: ml_collections.ConfigDict, variant: str) -> Callable:
   return update
 
 
-def constant_rate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of ``config`` whose Adam is the one :func:`update_variant` writes out."""
+def time_step_in(config: ml_collections.ConfigDict, state: train.TrainState, x: jax.Array,
+                 formats: Any, settings: Settings, update: Callable | None = None
+                 ) -> tuple[float, jax.stages.Compiled]:
+  """The train step (with ``update``, if given) compiled for its state in ``formats``
+  (None: the layouts XLA picks) and timed looping on a copy of ``state`` moved into them:
+  its median seconds, and the program."""
+  compiled, formats = train.compile_train_step(config, x.sharding.mesh, state, x,
+                                               formats=formats, update=update)
+  current = jax.device_put(state, formats, may_alias=False)
+
+  def run():
+    nonlocal current
+    current, _ = compiled(current, x)
+    return current
+
+  return time_calls(run, jax.block_until_ready, settings.reps, max(settings.warmup, 1),
+                    settings.min_rep_s).median, compiled
+
+
+def constant_rate(config: ml_collections.ConfigDict, state: train.TrainState
+                  ) -> tuple[ml_collections.ConfigDict, train.TrainState]:
+  """A copy of ``config`` whose Adam is the one :func:`update_variant` writes out, and
+  ``state`` with that Adam's fresh optimizer state (``config``'s own may hold a schedule's
+  or clipping's)."""
   config = copy.deepcopy(config)
   config.lr_schedule, config.warmup_steps, config.grad_clip_norm = "constant", 0, 0.0
-  return config
+  # Every leaf where the params are: a leaf elsewhere would make a second call of a jitted
+  # update compile again, for the first call's output shardings.
+  fresh = jax.device_put(
+      train.TrainState(step=state.step, params=state.params,
+                       opt_state=train.make_tx(config).init(state.params),
+                       ema_params=state.ema_params, rng=state.rng),
+      jax.tree.leaves(state.params)[0].sharding)
+  return config, fresh
 
 
 def time_variant_steps(config: ml_collections.ConfigDict, state: train.TrainState,
                        x: jax.Array, settings: Settings) -> dict[str, float]:
   """The whole train step with each of :data:`UPDATE_VARIANTS` as its update (constant
-  rate), timed on a copy of ``state`` kept in its layouts: ms a step by variant. Alone, the
-  three updates took the same time on the H100 whatever their form (the host's dispatch of
-  ~2,000 arrays, likely); inside the step only the kernels count. Where the config's
-  optimizer is already constant-rate Adam, ``optax``'s step is the train row's program
-  (a compilation-cache load where the cache is on)."""
-  config = constant_rate(config)
-  formats = jax.tree.map(lambda a: a.format, state)
-  steps = {}
-  for variant in UPDATE_VARIANTS:
-    compiled, _ = train.compile_train_step(config, x.sharding.mesh, state, x, formats=formats,
-                                           update=update_variant(config, variant))
-    current = jax.device_put(state, formats, may_alias=False)
-
-    def run():
-      nonlocal current
-      current, _ = compiled(current, x)  # pylint: disable=cell-var-from-loop
-      return current
-
-    steps[variant] = 1e3 * time_calls(run, jax.block_until_ready, settings.reps,
-                                      max(settings.warmup, 1), settings.min_rep_s).median
-  return steps
+  rate), its state in the layouts XLA picks as in the train step: ms a step by variant.
+  Alone, the three updates took the same time on the H100 whatever their form (the host's
+  dispatch of ~2,000 arrays, likely); inside the step only the kernels count. Where the
+  config's optimizer is already constant-rate Adam, ``optax``'s step is the train row's
+  program (a compilation-cache load where the cache is on)."""
+  config, state = constant_rate(config, state)
+  return {variant: 1e3 * time_step_in(config, state, x, None, settings,
+                                      update_variant(config, variant))[0]
+          for variant in UPDATE_VARIANTS}
 
 
 def time_update_variants(config: ml_collections.ConfigDict, state: train.TrainState,
                          settings: Settings) -> list[dict]:
   """Each of :data:`UPDATE_VARIANTS` timed alone on a copy of ``state``, with the GB/s of
   its least memory traffic."""
-  config = constant_rate(config)
-  params = jax.tree.leaves(state.params)
-  traffic = UPDATE_PASSES * sum(p.size * p.dtype.itemsize for p in params)
-  # Every leaf where the train step keeps it: a leaf elsewhere would make the second call
-  # compile again, for the first call's output shardings.
-  fresh = jax.device_put(
-      train.TrainState(step=state.step, params=state.params,
-                       opt_state=train.make_tx(config).init(state.params),
-                       ema_params=state.ema_params, rng=state.rng),
-      params[0].sharding)
+  config, fresh = constant_rate(config, state)
+  traffic = UPDATE_PASSES * sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(state.params))
   grads = jax.tree.map(jnp.ones_like, state.params)
   rows = []
   for variant in UPDATE_VARIANTS:
@@ -599,18 +609,7 @@ def time_row_major(config: ml_collections.ConfigDict, state: train.TrainState, x
              relaid_bytes=sum(a.nbytes for a in relaid))
   if not relaid:
     return row
-  row_major = train.row_major_formats(state)
-  compiled, _ = train.compile_train_step(config, x.sharding.mesh, state, x,
-                                         formats=row_major)
-  current = jax.device_put(state, row_major, may_alias=False)
-
-  def run():
-    nonlocal current
-    current, _ = compiled(current, x)
-    return current
-
-  seconds = time_calls(run, jax.block_until_ready, settings.reps, max(settings.warmup, 1),
-                       settings.min_rep_s).median
+  seconds, compiled = time_step_in(config, state, x, train.row_major_formats(state), settings)
   return dict(row, row_major_step_ms=1e3 * seconds, row_major_img_per_s=x.shape[0] / seconds,
               row_major_xla_copies=profiling.copy_instructions(compiled.as_text()))
 

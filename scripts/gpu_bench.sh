@@ -26,8 +26,7 @@
 # to run, in order (default "train64 sample64 train256 sample256 loop"); GPU_BENCH_LIMITS
 # gives one limit in seconds per listed part (default: parity 75, train64 300, sample64
 # 50, train256 95, sample256 45, loop 60, profile256 90, variants64 200; 550 s for the
-# default five, from
-# what each took on the H100 of BENCHMARKS.md, with a margin). Writes
+# default five, from what each took on the H100 of BENCHMARKS.md, with a margin). Writes
 # OUTDIR/bench_<part>.json for the bench parts, OUTDIR/bench.log (every part's output),
 # OUTDIR/loop_metrics.jsonl and OUTDIR/bench_gpu.json, the bench parts merged (a device
 # call returns 8 files at most: 7 for the default parts).

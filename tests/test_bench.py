@@ -235,6 +235,28 @@ def test_update_variants_compute_optax_adam_and_the_ema(monkeypatch):
   assert min(moved) > 1e-5  # Three real steps: the check above compares moved numbers.
 
 
+def test_the_update_variants_time_in_the_step_of_a_scheduled_config(monkeypatch):
+  """``time_variant_steps`` swaps a config's optimizer state (here a warm-up, a cosine
+  decay and clipping) for the constant-rate Adam its variants write out, so each step
+  compiles and runs."""
+  monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+  import bench  # pylint: disable=g-import-not-at-top,import-error
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  config = micro_config(batch_size=2, warmup_steps=2, lr_schedule="cosine", decay_steps=10,
+                        grad_clip_norm=1.0)
+  config.model.update(channels=(8, 16), attentions=(False, True), upscales=(False, True))
+  mesh = bench.train.make_mesh()
+  state = bench.train.create_train_state(config, NamedSharding(mesh, P()))
+  x = jax.device_put(jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 1)),
+                     NamedSharding(mesh, P("data")))
+  fv = bench.flags.FlagValues()
+  bench.define_flags(fv)
+  fv(["bench", "--reps", "1", "--warmup", "0", "--min_rep_s", "0"])
+  steps = bench.time_variant_steps(config, state, x, bench.settings_from_flags(fv))
+  assert list(steps) == list(bench.UPDATE_VARIANTS) and all(ms > 0 for ms in steps.values())
+
+
 def test_the_step_runs_with_its_state_in_other_layouts(monkeypatch):
   """On the CPU XLA keeps every state array row-major, so ``time_row_major`` finds nothing
   to time; ``compile_train_step`` given other layouts (here the reverse order of every
@@ -245,6 +267,7 @@ def test_the_step_runs_with_its_state_in_other_layouts(monkeypatch):
   import bench  # pylint: disable=g-import-not-at-top,import-error
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental.layout import Format, Layout  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   config = micro_config(batch_size=2)
   # Two layers (a down and an up one), to keep the compilations short.
@@ -265,9 +288,8 @@ def test_the_step_runs_with_its_state_in_other_layouts(monkeypatch):
   assert found == dict(leaves=len(leaves), relaid_leaves=0, relaid_bytes=0)
 
   formats = jax.tree.map(
-      lambda a: bench.Format(bench.Layout(major_to_minor=tuple(reversed(range(a.ndim)))
-                                          if a.ndim == 4 else tuple(range(a.ndim))),
-                             replicated), initial)
+      lambda a: Format(Layout(major_to_minor=tuple(reversed(range(a.ndim)))
+                              if a.ndim == 4 else tuple(range(a.ndim))), replicated), initial)
   compiled, _ = bench.train.compile_train_step(config, mesh, initial, x,
                                                formats=formats)
   state = jax.device_put(initial, formats, may_alias=False)
