@@ -88,3 +88,13 @@ def micro_config(**overrides):
   for key, value in overrides.items():
     config[key] = value
   return config
+
+
+def reversed_kernel_formats(tree):
+  """A ``Format`` per array of ``tree`` that lays every 4-d array (the conv kernels) out in
+  the reverse order of its dimensions and the rest row-major: layouts a CPU never picks,
+  to run the layout-keeping train step on one."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental.layout import Format, Layout  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(lambda a: Format(Layout(major_to_minor=tuple(
+      reversed(range(a.ndim)) if a.ndim == 4 else range(a.ndim))), a.sharding), tree)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import load_config_file, micro_config
+from tests.conftest import load_config_file, micro_config, reversed_kernel_formats
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = "configs/mnist_tiny.py"
@@ -267,7 +267,6 @@ def test_the_step_runs_with_its_state_in_other_layouts(monkeypatch):
   import bench  # pylint: disable=g-import-not-at-top,import-error
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.experimental.layout import Format, Layout  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   config = micro_config(batch_size=2)
   # Two layers (a down and an up one), to keep the compilations short.
@@ -287,9 +286,7 @@ def test_the_step_runs_with_its_state_in_other_layouts(monkeypatch):
                                bench.settings_from_flags(fv))
   assert found == dict(leaves=len(leaves), relaid_leaves=0, relaid_bytes=0)
 
-  formats = jax.tree.map(
-      lambda a: Format(Layout(major_to_minor=tuple(reversed(range(a.ndim)))
-                              if a.ndim == 4 else tuple(range(a.ndim))), replicated), initial)
+  formats = reversed_kernel_formats(initial)
   compiled, _ = bench.train.compile_train_step(config, mesh, initial, x,
                                                formats=formats)
   state = jax.device_put(initial, formats, may_alias=False)

@@ -15,7 +15,6 @@ import numpy as np
 import optax
 import pytest
 
-from jax.experimental.layout import Format, Layout
 from PIL import Image
 
 from ddpm_jax import checkpoint, images, profiling, sampling, train
@@ -24,7 +23,7 @@ from ddpm_jax.schedule import linear_schedule
 from ddpm_jax.train import abstract_train_state, sample_grid_path, train_and_evaluate
 from ddpm_jax.train_state import (adam_states, ema_update, fit_opt_state, learning_rate_at,
                                   make_optimizer, stored_opt_state_target)
-from tests.conftest import micro_config
+from tests.conftest import micro_config, reversed_kernel_formats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,9 +76,7 @@ def test_a_run_with_its_state_in_other_device_layouts_trains_and_resumes_the_sam
 
   def reversed_kernels(config, mesh, state, batch, formats=None):
     assert formats is None  # The loop lets XLA choose.
-    formats = jax.tree.map(lambda a: Format(Layout(major_to_minor=tuple(
-        reversed(range(a.ndim)) if a.ndim == 4 else range(a.ndim))), a.sharding), state)
-    return chosen_by_xla(config, mesh, state, batch, formats)
+    return chosen_by_xla(config, mesh, state, batch, reversed_kernel_formats(state))
 
   monkeypatch.setattr(train, "compile_train_step", reversed_kernels)
   train_and_evaluate(config(num_train_steps=2), str(tmp_path / "b"))
