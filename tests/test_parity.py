@@ -1,6 +1,8 @@
 """ddpm_jax against reference_torch: embeddings, schedule, shapes, forward passes, gradients,
 the diffusion kernel, one sampling step and one full training step."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,12 +162,22 @@ def _batch(seed=0, n=4):
 
 
 def _loss_and_grads(ref, model, params, x0, t, e, dropout_rng=None):
-  """The original's loss and gradients (``ref``, torch) and ours (``model``), gradients
-  keyed by state_dict names."""
+  """The original's loss and gradients (``ref``, evaluated in float64) and ours (``model``,
+  float32), gradients keyed by state_dict names.
+
+  float64, because the original's own float32 gradients on a CPU carry its kernels'
+  rounding, which depends on the machine: on an AVX-512 Xeon up to 5.8e-3 of a
+  parameter's largest gradient (default UNET) and 1.2e-3 relative L2 in an attention
+  weight, against ~1e-6 for ours. Against float64, what is left is JAX's error alone.
+  """
+  ref = copy.deepcopy(ref).double()
+  ref.embeddings.embeddings = ref.embeddings.embeddings.double()
   sched = R.DDPM_Scheduler(1000)
-  a = sched.alpha[torch.from_numpy(t)].view(-1, 1, 1, 1)
-  x_t = torch.sqrt(a) * torch.from_numpy(x0) + torch.sqrt(1 - a) * torch.from_numpy(e)
-  loss_ref = torch.nn.functional.mse_loss(ref(x_t, torch.from_numpy(t)), torch.from_numpy(e))
+  a = sched.alpha[torch.from_numpy(t)].view(-1, 1, 1, 1).double()
+  x_t = (torch.sqrt(a) * torch.from_numpy(x0).double()
+         + torch.sqrt(1 - a) * torch.from_numpy(e).double())
+  loss_ref = torch.nn.functional.mse_loss(ref(x_t, torch.from_numpy(t)),
+                                          torch.from_numpy(e).double())
   loss_ref.backward()
   g_ref = {k: p.grad.numpy() for k, p in ref.named_parameters()}
   loss, grads = jax.value_and_grad(diffusion.noise_loss)(
@@ -175,6 +187,7 @@ def _loss_and_grads(ref, model, params, x0, t, e, dropout_rng=None):
 
 
 def test_gradient_parity_default_model():
+  """Measured: relative L2 7.4e-7, worst parameter 2.4e-6 of its largest entry."""
   ref, model, params = make_pair(DEFAULT, seed=3)
   loss_ref, g_ref, loss, g = _loss_and_grads(ref, model, params, *_batch(0))
   assert abs(loss - loss_ref) <= 1e-6 * max(1.0, loss_ref)
@@ -183,14 +196,15 @@ def test_gradient_parity_default_model():
   norm = np.sqrt(sum(np.sum(g_ref[k] ** 2) for k in g))
   rel_l2 = diff / norm
   worst = max(np.abs(g[k] - g_ref[k]).max() / max(np.abs(g_ref[k]).max(), 1e-30) for k in g)
-  assert rel_l2 <= 1e-4, rel_l2
-  assert worst <= 1e-2, worst
+  assert rel_l2 <= 1e-5, rel_l2
+  assert worst <= 1e-4, worst
 
 
 def test_training_mode_path_matches_reference():
   """``train=True`` takes its own attention code (softmax, dropout, einsum instead of
   ``dot_product_attention``); at a dropout rate of 1e-9 it drops nothing, so its loss and
-  gradients must equal the original's without dropout."""
+  gradients must equal the original's without dropout (measured: 5.8e-7 relative L2 in
+  the attention's weight, 5.0e-7 over all)."""
   ref, _, params = make_pair(QUARTER, seed=7)
   loss_ref, g_ref, loss, g = _loss_and_grads(ref, UNet(**QUARTER, dropout_rate=1e-9), params,
                                              *_batch(4), dropout_rng=jax.random.key(1))
