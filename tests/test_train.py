@@ -139,10 +139,12 @@ def test_fit_opt_state_carries_adam_into_every_optimizer_setting(old):
     stored_opt_state_target([None], jax.eval_shape(tx.init, params))
 
 
-def _assert_close(xs, ys, rtol=1e-4):
-  """Leaf by leaf, ``|x - y| <= rtol |y|`` in the L2 norm: another XLA program (a clip, a
-  schedule) rounds differently, while a lost Adam moment, count or schedule count is off
-  by tens of percent."""
+def _assert_close(xs, ys, rtol=5e-3):
+  """Leaf by leaf, ``|x - y| <= rtol |y|`` in the L2 norm. Another XLA program (a clip, a
+  schedule) rounds differently, and the steps after it grow the difference: measured up
+  to 8e-5 in the params after two steps and 1e-3 in Adam's first moment two steps later
+  (an AVX-512 Xeon). A lost Adam moment is off by tens of percent, one lost update by
+  ~2e-2 of the params."""
   xs, ys = _leaves(xs), _leaves(ys)
   assert len(xs) == len(ys)
   for x, y in zip(xs, ys):
