@@ -11,17 +11,24 @@ DEMO_DIR ?= runs/demo
 # config's train step by ~10-20 % on 2 cores (BENCHMARKS.md). Ignored by glibc < 2.35.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install lock test test-fast demo bench clean
 
 install: $(STAMP)
 
-# torch is pinned and installed first: the local CPU wheel, not a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# torch is pinned and installed first: the local CPU wheel, not a multi-GB CUDA build. The
+# rest at the versions of constraints.txt, which the suite and the recorded figures used.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,tfds]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,tfds]'
 	touch $(STAMP)
+
+# Rewrites constraints.txt's list (its comment header kept) from what .venv holds now.
+lock: $(STAMP)
+	{ grep '^#' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^torch=='; } \
+	  > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 # Two pytest workers: most tests wait on subprocesses or single-threaded work, so two at a
 # time cut the suite from ~13 to ~8 minutes on 2 cores (the 4-minute kill test runs beside
