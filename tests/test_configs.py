@@ -32,7 +32,8 @@ def test_mnist_config_is_the_original():
   assert (config.batch_size, config.learning_rate, config.ema_decay, config.num_epochs) == (
       64, 2e-5, 0.9999, 75)
   assert tuple(config.model.channels) == (64, 128, 256, 512, 512, 384)
-  assert (config.model.num_groups, config.model.num_heads, config.model.dropout_rate) == (32, 8, 0.1)
+  model = config.model
+  assert (model.num_groups, model.num_heads, model.dropout_rate) == (32, 8, 0.1)
   assert (config.warmup_steps, config.grad_clip_norm, config.data.range) == (0, 0.0, "zero_one")
   assert (config.schedule.num_steps, config.schedule.beta_start, config.schedule.beta_end) == (
       1000, 1e-4, 0.02)

@@ -52,8 +52,10 @@ def test_default_model_round_trip():
 
 def test_infers_the_architecture(quarter_ref):
   arch = infer_architecture(quarter_ref.state_dict())
-  assert arch == dict(channels=QUARTER["channels"], attentions=(False, True, False, False, False, True),
-                      upscales=(False, False, False, True, True, True), out_channels=1, in_channels=1)
+  assert arch == dict(channels=QUARTER["channels"],
+                      attentions=(False, True, False, False, False, True),
+                      upscales=(False, False, False, True, True, True),
+                      out_channels=1, in_channels=1)
 
 
 def test_conversion_copies_instead_of_aliasing_torch_memory(quarter_ref):
@@ -92,8 +94,8 @@ def test_wrong_keys_are_named(quarter_ref):
     torch_to_flax(sd, UNet(**QUARTER))
   msg = str(info.value)
   assert "\n" not in msg
-  for needle in ("missing keys: Layer3.ResBlock2.conv2.bias", "unexpected keys: Layer9.extra.weight",
-                 "wrong shapes", "late_conv.bias (7,)"):
+  for needle in ("missing keys: Layer3.ResBlock2.conv2.bias",
+                 "unexpected keys: Layer9.extra.weight", "wrong shapes", "late_conv.bias (7,)"):
     assert needle in msg, msg
 
 

@@ -15,7 +15,8 @@ from ddpm_jax.convert import flax_to_torch, to_torch_checkpoint, torch_to_flax
 from ddpm_jax.model import UNet, sinusoidal_embeddings
 from ddpm_jax.schedule import linear_schedule
 from ddpm_jax.train_state import apply_gradients, create_train_state, make_optimizer
-from tests.conftest import HALF, QUARTER, nchw_to_nhwc, nhwc_to_nchw, randomize_norms, reference_kwargs
+from tests.conftest import (HALF, QUARTER, nchw_to_nhwc, nhwc_to_nchw, randomize_norms,
+                            reference_kwargs)
 
 DEFAULT = {}
 ARCHS = {"default": DEFAULT, "half": HALF, "quarter": QUARTER}
@@ -237,7 +238,8 @@ def test_one_ancestral_step_matches_reference(step):
   with torch.no_grad():
     tt = [step]
     temp = sched.beta[tt] / (torch.sqrt(1 - sched.alpha[tt]) * torch.sqrt(1 - sched.beta[tt]))
-    zr = (1 / torch.sqrt(1 - sched.beta[tt])) * torch.from_numpy(z) - temp * ref(torch.from_numpy(z), tt)
+    zr = ((1 / torch.sqrt(1 - sched.beta[tt])) * torch.from_numpy(z)
+          - temp * ref(torch.from_numpy(z), tt))
     if step > 0:
       zr = zr + torch.from_numpy(noise) * torch.sqrt(sched.beta[tt])
   s = linear_schedule()

@@ -323,7 +323,8 @@ _DEVICE_SCRIPT = textwrap.dedent("""
     from ddpm_jax.train import train_and_evaluate
     assert len(jax.devices()) == int(sys.argv[2]), jax.devices()
     state = train_and_evaluate(micro_config(num_train_steps=3), sys.argv[1])
-    leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get((state.params, state.ema_params)))]
+    trees = jax.device_get((state.params, state.ema_params))
+    leaves = [np.asarray(x) for x in jax.tree.leaves(trees)]
     np.savez(os.path.join(sys.argv[1], "leaves.npz"), *leaves)
 """)
 
