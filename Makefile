@@ -31,8 +31,8 @@ lock: $(STAMP)
 	mv constraints.txt.new constraints.txt
 
 # Two pytest workers: most tests wait on subprocesses or single-threaded work, so two at a
-# time cut the suite from ~13 to ~8 minutes on 2 cores (the 4-minute kill test runs beside
-# the rest). TEST_WORKERS=0 runs them in one process.
+# time keep both cores busy (the 4-minute kill test runs beside the rest): ~13 minutes on
+# 2 cores (BENCHMARKS.md, "Checkpoint writes"). TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
