@@ -1,5 +1,6 @@
 """Training: exact resume, data parallelism, the EMA, a falling loss, and config checks."""
 
+import functools
 import json
 import math
 import os
@@ -375,6 +376,18 @@ def test_abstract_state_matches_a_real_checkpoint_tree():
   n = sum(x.size for x in jax.tree.leaves(abstract.params))
   assert n == sum(x.size for x in jax.tree.leaves(abstract.ema_params)) > 0
   assert abstract.rng.dtype == jnp.uint32 and abstract.step.dtype == jnp.int32
+
+
+def test_the_cpu_init_compiled_at_O1_gives_the_default_compilations_bits():
+  """create_train_state compiles the init at LLVM -O1 on CPU (faster to compile); the state
+  must be the one XLA's default optimization level gives, bit for bit."""
+  config = micro_config()
+  init = train._init_state  # pylint: disable=protected-access
+  default = jax.jit(functools.partial(init, config))()
+  fast = train.create_train_state(config)
+  for x, y in zip(jax.tree.leaves(jax.device_get(fast)), jax.tree.leaves(jax.device_get(default)),
+                  strict=True):
+    np.testing.assert_array_equal(x, y)
 
 
 def _free_port() -> int:
