@@ -1,0 +1,168 @@
+"""``scripts/train_parity.py --quick``: a short training run in ddpm_jax and in the original
+PyTorch code from the same weights, batches, t and noise ends in the same place, and the
+script writes every field and a real figure.
+
+One quick run (two seeds of a micro UNet, 12 steps, the tiny config's warm-up and cosine
+rate) serves every check; the refusals run before anything is computed.
+"""
+
+import functools
+import importlib.util
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddpm_jax.errors import UserError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "mnist_tiny.py")
+STEPS = 12
+SIDES = ("jax", "torch")
+
+
+@functools.lru_cache(maxsize=1)
+def _script():
+  spec = importlib.util.spec_from_file_location("train_parity",
+                                                ROOT / "scripts" / "train_parity.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # Its dataclasses look their module up there.
+  spec.loader.exec_module(module)
+  return module
+
+
+def _argv(out, *extra):
+  return ["train_parity.py", "--config", TINY, "--quick", "--num_train_steps", str(STEPS),
+          "--torch_threads", "1", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+  """The quick run's output directory and parity.json."""
+  out = tmp_path_factory.mktemp("parity")
+  assert _script().main(_argv(out, "--seeds", "2")) == 0
+  return out, json.loads((out / "parity.json").read_text())
+
+
+def _relative(doc_losses):
+  jax_losses, torch_losses = (np.asarray(doc_losses[side]) for side in SIDES)
+  return np.abs(jax_losses - torch_losses) / np.abs(torch_losses)
+
+
+@pytest.mark.slow
+def test_json_has_every_field(quick):
+  _, doc = quick
+  for key in ("command", "date", "device", "versions", "config", "losses", "weight_distance",
+              "evaluation", "runs", "spread", "goal", "dropout", "sampling"):
+    assert key in doc, key
+  assert set(doc["versions"]) >= {"jax", "flax", "torch", "numpy"}
+  assert doc["config"]["num_train_steps"] == STEPS and doc["config"]["batch_size"] == 8
+  assert doc["dropout"] == {"rate": 0.0, "masks_match": True, "note": doc["dropout"]["note"]}
+  assert [run["seed"] for run in doc["runs"]] == [0, 1]
+  assert doc["losses"] == doc["runs"][0]["losses"]
+  for run in doc["runs"]:
+    assert all(len(run["losses"][side]) == STEPS for side in SIDES)
+    assert set(run["weight_distance"]) == {"1", "10", str(STEPS)}
+    for side in SIDES:
+      evaluation = run["evaluation"][side]
+      assert evaluation["num_samples"] == 16 and evaluation["reference"]["name"] == "bundled"
+      assert {"frechet_distance", "mean_confidence", "frac_confident", "class_kl",
+              "class_histogram"} <= set(evaluation)
+  for measure in ("final_loss", "frechet_distance", "mean_confidence", "frac_confident",
+                  "class_kl"):
+    entry = doc["spread"][measure]
+    assert {"framework_difference", "framework_difference_max", "seed_spread",
+            "seed_spread_min", "within_seed_spread"} <= set(entry), measure
+  assert isinstance(doc["goal"]["holds"], bool)
+
+
+@pytest.mark.slow
+def test_losses_agree_step_by_step(quick):
+  """Same weights, batch, t and noise: the first loss agrees to float32 rounding (measured:
+  bit for bit on two seeds), and so do the next ones while the warm-up's rate is small
+  (measured: <= 2.4e-7 up to step 4); then Adam's updates, which divide each gradient by
+  its own magnitude, let rounding differences grow (measured: <= 2.5e-4 by step 12)."""
+  _, doc = quick
+  for run in doc["runs"]:
+    relative = _relative(run["losses"])
+    assert relative[0] <= 1e-6, relative[0]
+    assert relative[:4].max() <= 5e-6, relative[:4]
+    assert relative.max() <= 5e-3, relative
+
+
+@pytest.mark.slow
+def test_weights_stay_close(quick):
+  """The first update is at the warm-up's rate 0: the weights are equal after it. After 12
+  steps the raw weights differ by ~1e-3 of their norm and ~1e-2 of how far they moved
+  (measured), the EMA's far less of its norm."""
+  _, doc = quick
+  for run in doc["runs"]:
+    distance = run["weight_distance"]
+    assert distance["1"]["raw"]["relative"] == 0.0 and distance["1"]["ema"]["relative"] == 0.0
+    last = distance[str(STEPS)]
+    assert 0.0 < last["raw"]["relative"] <= 1e-2, last
+    assert last["raw"]["over_update"] <= 0.1, last
+    assert last["ema"]["relative"] <= 1e-3, last
+
+
+@pytest.mark.slow
+def test_samples_and_measures_agree(quick):
+  """Both EMA models sampled from the same noise score alike; the second seed's differ."""
+  _, doc = quick
+  fd = doc["spread"]["frechet_distance"]
+  assert fd["framework_difference_max"] <= 1e-3 * fd["per_seed"][0]["torch"], fd
+  assert fd["seed_spread_min"] > 10 * fd["framework_difference_max"], fd
+  loss = doc["spread"]["final_loss"]
+  assert loss["within_seed_spread"], loss
+
+
+@pytest.mark.slow
+def test_figure_is_a_real_image(quick):
+  out, _ = quick
+  path = out / "loss_curves.png"
+  assert 20_000 < path.stat().st_size < 300_000
+  with Image.open(path) as image:
+    image.verify()
+  with Image.open(path) as image:
+    width, height = image.size
+    pixels = np.asarray(image.convert("L"))
+  assert 500 <= width <= 1200 and 600 <= height <= 1200, image.size
+  assert pixels.std() > 20  # Curves and sample grids, not a blank canvas.
+
+
+@pytest.mark.slow
+def test_existing_output_is_kept_without_overwrite(quick):
+  out, doc = quick
+  before = (out / "parity.json").read_bytes()
+  with pytest.raises(UserError, match="--overwrite"):
+    _script().main(_argv(out))
+  assert (out / "parity.json").read_bytes() == before
+  assert doc["command"].startswith("python ")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.objective=v", "objective=v"),
+    ("--config.schedule.kind=cosine", "schedule.kind=cosine"),
+    ("--config.loss_weighting=min_snr", "loss_weighting=min_snr"),
+    ("--config.ema_warmup=True", "ema_warmup"),
+    ("--config.grad_clip_norm=1.0", "grad_clip_norm"),
+])
+def test_refuses_what_the_original_cannot_train(tmp_path, override, message):
+  with pytest.raises(UserError, match=message):
+    _script().main(_argv(tmp_path / "out", override))
+  assert not (tmp_path / "out").exists()
+
+
+def test_refuses_bad_flags(tmp_path):
+  script = _script()
+  with pytest.raises(UserError, match="--out is required"):
+    script.main(["train_parity.py", "--config", TINY, "--quick"])
+  with pytest.raises(UserError, match="--seeds"):
+    script.main(_argv(tmp_path / "out", "--seeds", "0"))
+  with pytest.raises(UserError, match="--num_train_steps"):
+    script.main(["train_parity.py", "--config", TINY, "--num_train_steps", "0",
+                 "--out", str(tmp_path / "out")])
+  assert not (tmp_path / "out").exists()
