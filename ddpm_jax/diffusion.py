@@ -1,6 +1,12 @@
 """Diffusion math as pure functions: the forward process, the loss, one reverse step.
 
 ``apply_fn`` is a Flax apply function, ``apply_fn({'params': p}, x, t, train=..., rngs=...)``.
+
+What the model's output means is the run's ``objective``: ``'eps'`` the noise (the
+original's), ``'x0'`` the clean image, ``'v'`` the velocity ``sqrt(a) eps - sqrt(1 - a) x0``
+(Salimans & Ho 2022), a = ``alphas_cumprod[t]``. :func:`model_output_to_x0_eps` turns any
+of them into the pair ``(x0, eps)`` the samplers use, and :func:`objective_target` gives
+the loss's target, with the same ``sqrt(a)`` and ``sqrt(1 - a)`` as :func:`q_sample`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,98 @@ def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) 
   return jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
 
 
+OBJECTIVES = ("eps", "x0", "v")
+LOSS_WEIGHTINGS = ("none", "min_snr")
+
+
+def _check_objective(objective: str) -> None:
+  if objective not in OBJECTIVES:
+    raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+
+
+def _alpha_sigma(schedule: Schedule, t: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(sqrt(a_t), sqrt(1 - a_t))`` shaped to broadcast against ``x``, as :func:`q_sample`."""
+  a = _per_example(schedule.alphas_cumprod, t, x)
+  return jnp.sqrt(a), jnp.sqrt(1 - a)
+
+
+def objective_target(schedule: Schedule, x0: jax.Array, noise: jax.Array, t: jax.Array,
+                     objective: str) -> jax.Array:
+  """What the model learns to output at ``q_sample(schedule, x0, t, noise)``."""
+  _check_objective(objective)
+  if objective == "eps":
+    return noise
+  if objective == "x0":
+    return x0
+  alpha, sigma = _alpha_sigma(schedule, t, x0)
+  return alpha * noise - sigma * x0
+
+
+def model_output_to_x0_eps(schedule: Schedule, z: jax.Array, t: jax.Array, out: jax.Array,
+                           objective: str) -> tuple[jax.Array, jax.Array]:
+  """``(x0, eps)`` that the model's output ``out`` at ``z = sqrt(a) x0 + sqrt(1 - a) eps``
+  stands for; ``t`` is a scalar or ``[B]``.
+
+  eps: ``x0 = (z - sqrt(1 - a) eps) / sqrt(a)``; x0: ``eps = (z - sqrt(a) x0) / sqrt(1 - a)``;
+  v: ``x0 = sqrt(a) z - sqrt(1 - a) v`` and ``eps = sqrt(1 - a) z + sqrt(a) v`` (the
+  rotation that defines v, inverted; exact since ``a + (1 - a) = 1``). Each is the exact
+  inverse of :func:`objective_target` given ``z``.
+  """
+  _check_objective(objective)
+  alpha, sigma = _alpha_sigma(schedule, t, z)
+  if objective == "eps":
+    return (z - sigma * out) / alpha, out
+  if objective == "x0":
+    return out, (z - alpha * out) / sigma
+  return alpha * z - sigma * out, sigma * z + alpha * out
+
+
+def min_snr_weight(schedule: Schedule, t: jax.Array, objective: str,
+                   gamma: float = 5.0) -> jax.Array:
+  """Min-SNR-gamma's per-example loss weight (Hang et al. 2023), ``[B]`` for ``t`` ``[B]``.
+
+  With ``snr = a / (1 - a)`` it weights each objective's MSE as the x0 MSE weighted by
+  ``min(snr, gamma)``: eps ``min(snr, gamma) / snr``, x0 ``min(snr, gamma)``, v
+  ``min(snr, gamma) / (snr + 1)`` (an eps error weighs ``snr`` times an x0 error, a v
+  error ``snr + 1`` times).
+  """
+  _check_objective(objective)
+  a = schedule.alphas_cumprod[t]
+  snr = a / (1 - a)
+  clipped = jnp.minimum(snr, gamma)
+  if objective == "eps":
+    return clipped / snr
+  if objective == "x0":
+    return clipped
+  return clipped / (snr + 1)
+
+
+def objective_loss(params: Any, apply_fn: ApplyFn, schedule: Schedule, x0: jax.Array,
+                   t: jax.Array, noise: jax.Array, dropout_rng: jax.Array | None = None, *,
+                   objective: str = "eps", loss_weighting: str = "none",
+                   min_snr_gamma: float = 5.0) -> jax.Array:
+  """The MSE between the model's output and ``objective``'s target for given ``t`` and ``noise``.
+
+  ``loss_weighting='none'`` is the plain mean over every element; ``'min_snr'`` is the mean
+  over the batch of :func:`min_snr_weight` times each example's MSE. With ``dropout_rng``
+  the model runs in training mode; without it, in eval mode.
+  """
+  if loss_weighting not in LOSS_WEIGHTINGS:
+    raise ValueError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, "
+                     f"got {loss_weighting!r}")
+  target = objective_target(schedule, x0, noise, t, objective)
+  x_t = q_sample(schedule, x0, t, noise)
+  if dropout_rng is None:
+    pred = apply_fn({"params": params}, x_t, t, train=False)
+  else:
+    pred = apply_fn({"params": params}, x_t, t, train=True, rngs={"dropout": dropout_rng})
+  squared = jnp.square(pred - target)
+  if loss_weighting == "none":
+    return jnp.mean(squared)
+  per_example = jnp.mean(squared.reshape(squared.shape[0], -1), axis=1)
+  return jnp.mean(min_snr_weight(schedule, t, objective, min_snr_gamma) * per_example)
+
+
 def noise_loss(params: Any, apply_fn: ApplyFn, schedule: Schedule, x0: jax.Array,
                t: jax.Array, noise: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
   """The original's objective for given ``t`` and ``noise``: MSE between eps and its estimate.
@@ -41,12 +139,21 @@ def noise_loss(params: Any, apply_fn: ApplyFn, schedule: Schedule, x0: jax.Array
 
 
 def loss(params: Any, apply_fn: ApplyFn, schedule: Schedule, x0: jax.Array,
-         rng: jax.Array) -> jax.Array:
-  """The training loss for a batch: t ~ U{0..T-1}, eps ~ N(0, I), dropout on."""
+         rng: jax.Array, *, objective: str = "eps", loss_weighting: str = "none",
+         min_snr_gamma: float = 5.0) -> jax.Array:
+  """The training loss for a batch: t ~ U{0..T-1}, eps ~ N(0, I), dropout on.
+
+  With the defaults it is the original's :func:`noise_loss`, bit for bit; otherwise
+  :func:`objective_loss`, from the same draws of ``rng``.
+  """
   t_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
   t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_steps)
   noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
-  return noise_loss(params, apply_fn, schedule, x0, t, noise, dropout_rng)
+  if objective == "eps" and loss_weighting == "none":
+    return noise_loss(params, apply_fn, schedule, x0, t, noise, dropout_rng)
+  return objective_loss(params, apply_fn, schedule, x0, t, noise, dropout_rng,
+                        objective=objective, loss_weighting=loss_weighting,
+                        min_snr_gamma=min_snr_gamma)
 
 
 def ddpm_mean(schedule: Schedule, z: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
