@@ -1,4 +1,5 @@
-"""The reverse process: the original's ancestral (DDPM) sampler and DDIM, each one jitted scan.
+"""The reverse process: the original's ancestral (DDPM) sampler, DDIM and DPM-Solver++(2M),
+each one jitted scan.
 
 Each sampler runs every step of its reverse process inside a single ``jax.lax.scan`` under
 ``jax.jit``, for a whole batch at once, and collects the reverse-process strip inside the
@@ -11,7 +12,13 @@ key ``fold_in(rng, first_index + i)``; that key is split into one for ``z_T`` an
 the step noise, and the noise added after the update at step ``t`` is drawn from
 ``fold_in(noise_key, t)``. So a sample depends on ``(rng, its index)`` only, never on how the
 samples are split into batches (up to the float rounding of batched convolutions), and
-DDPM and DDIM with ``num_steps == T`` draw the same ``z_T`` and the same noise.
+DDPM and DDIM with ``num_steps == T`` draw the same ``z_T`` and the same noise; every
+sampler draws the same ``z_T``.
+
+Every sampler takes the run's ``objective`` (``'eps'``, the original's, ``'x0'`` or ``'v'``)
+and turns the model's output into the ``(x0, eps)`` its update needs with
+:func:`ddpm_jax.diffusion.model_output_to_x0_eps`; with ``'eps'`` the output is used as it
+was, so the original's sampler stays bit for bit.
 
 Nothing is clipped: images are in the data range of the training run, [0, 1] for the
 original (``config.data.range == 'zero_one'``) or [-1, 1]; only ``ddpm_jax.images`` maps
@@ -34,13 +41,23 @@ from ddpm_jax import diffusion
 from ddpm_jax.schedule import Schedule
 
 ApplyFn = Callable[..., jax.Array]
-# StepFn(i, t, z, eps, noise) -> (z_next, frame): one update of the reverse process.
-StepFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array],
-                  tuple[jax.Array, jax.Array]]
+# StepFn(i, t, z, out, noise, state) -> (z_next, frame, state): one update of the reverse
+# process from the model's output ``out`` at (z, t); ``state`` is what the sampler carries
+# from one update to the next besides z (DPM-Solver++'s previous x0; () for the others).
+StepFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, Any],
+                  tuple[jax.Array, jax.Array, Any]]
 # NoiseFn(i, t) -> the noise added after the i-th update, which is at step t.
 NoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
-# (z, frames): the reverse process's state and the strip's buffer, carried through the scan.
-Carry = tuple[jax.Array, jax.Array]
+# (z, frames, state): the reverse process's z, the strip's buffer and the sampler's state,
+# carried through the scan.
+Carry = tuple[jax.Array, jax.Array, Any]
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+# DPM-Solver++'s time steps: evenly spaced in t (as DDIM's) or in log-SNR (lambda).
+SPACINGS = ("time", "logsnr")
+# Log-SNR: on a Gaussian toy data set, whose exact probability-flow solution is known, its
+# error falls at second order in K, where evenly spaced t leaves the last updates long
+# steps in log-SNR (tests/test_recipe.py).
+DEFAULT_SPACING = "logsnr"
 
 # The original's `times`: the strip shows z after the mean update at each of these t, from
 # t = 999 down; the frame at t = 0 is the final image. 10 frames in all.
@@ -83,19 +100,42 @@ def _frame_slots(steps: np.ndarray, snapshot_times: Sequence[int],
   return np.abs(steps[None, :].astype(np.int64) - times[:, None]).argmin(axis=1).astype(np.int32)
 
 
-def predict_eps(apply_fn: ApplyFn, params: Any, z: jax.Array, t: jax.Array) -> jax.Array:
-  """The model's noise estimate at the scalar step ``t``, in eval mode, as float32."""
+def model_output(apply_fn: ApplyFn, params: Any, z: jax.Array, t: jax.Array) -> jax.Array:
+  """The model's output at the scalar step ``t``, in eval mode, as float32."""
   t_batch = jnp.full((z.shape[0],), t, jnp.int32)
   return apply_fn({"params": params}, z, t_batch, train=False).astype(jnp.float32)
 
 
-def _initial_carry(z_T: jax.Array, num_frames: int) -> Carry:
-  return z_T.astype(jnp.float32), jnp.zeros((num_frames,) + z_T.shape, jnp.float32)
+def predict_x0_eps(apply_fn: ApplyFn, params: Any, schedule: Schedule, z: jax.Array,
+                   t: jax.Array, objective: str = "eps") -> tuple[jax.Array, jax.Array]:
+  """The model's ``(x0, eps)`` estimates at the scalar step ``t``, whatever it predicts."""
+  return diffusion.model_output_to_x0_eps(schedule, z, t, model_output(apply_fn, params, z, t),
+                                          objective)
+
+
+def predict_eps(apply_fn: ApplyFn, params: Any, z: jax.Array, t: jax.Array,
+                schedule: Schedule | None = None, objective: str = "eps") -> jax.Array:
+  """The model's noise estimate at the scalar step ``t``, in eval mode, as float32.
+
+  A model of another ``objective`` than ``'eps'`` needs the ``schedule`` to convert.
+  """
+  out = model_output(apply_fn, params, z, t)
+  if objective == "eps":
+    return out
+  if schedule is None:
+    raise ValueError(f"predict_eps needs the schedule for objective {objective!r}")
+  return diffusion.model_output_to_x0_eps(schedule, z, t, out, objective)[1]
+
+
+def _initial_carry(z_T: jax.Array, num_frames: int, state: Any = ()) -> Carry:
+  return (z_T.astype(jnp.float32), jnp.zeros((num_frames,) + z_T.shape, jnp.float32),
+          state)
 
 
 def _reverse_scan(apply_fn: ApplyFn, params: Any, carry: Carry, xs: tuple[jax.Array, jax.Array],
                   slots: np.ndarray, step_fn: StepFn, noise_fn: NoiseFn) -> Carry:
-  """Runs ``step_fn`` over the updates ``xs = (i, t)`` in one scan from ``carry = (z, frames)``.
+  """Runs ``step_fn`` over the updates ``xs = (i, t)`` in one scan from
+  ``carry = (z, frames, state)``.
 
   Frame ``f`` is the frame ``step_fn`` returns at the update ``slots[f]``, written into the
   carried buffer with a select, so one update may fill several frames.
@@ -103,21 +143,23 @@ def _reverse_scan(apply_fn: ApplyFn, params: Any, carry: Carry, xs: tuple[jax.Ar
   slots = jnp.asarray(slots)
 
   def body(carry, xs):
-    z, frames = carry
+    z, frames, state = carry
     i, t = xs
-    eps = predict_eps(apply_fn, params, z, t)
-    z, frame = step_fn(i, t, z, eps, noise_fn(i, t))
+    out = model_output(apply_fn, params, z, t)
+    z, frame, state = step_fn(i, t, z, out, noise_fn(i, t), state)
     hit = (slots == i)[:, None, None, None, None]
-    return (z, jnp.where(hit, frame[None], frames)), None
+    return (z, jnp.where(hit, frame[None], frames), state), None
 
   carry, _ = jax.lax.scan(body, carry, xs)
   return carry
 
 
-def _ddpm_step_fn(schedule: Schedule) -> StepFn:
-  def step(i, t, z, eps, noise):
+def _ddpm_step_fn(schedule: Schedule, objective: str = "eps") -> StepFn:
+  def step(i, t, z, out, noise, state):
     del i
-    return diffusion.ddpm_step(schedule, z, t, eps, noise)
+    eps = out if objective == "eps" else diffusion.model_output_to_x0_eps(
+        schedule, z, t, out, objective)[1]
+    return diffusion.ddpm_step(schedule, z, t, eps, noise) + (state,)
   return step
 
 
@@ -132,7 +174,8 @@ def _ddim_coefficients(schedule: Schedule, steps: np.ndarray, eta: jax.Array):
 
 
 def _ddim_step_fn(schedule: Schedule, steps: np.ndarray, eta: jax.Array,
-                  clip_x0: tuple[float, float] | None = None) -> StepFn:
+                  clip_x0: tuple[float, float] | None = None, objective: str = "eps"
+                  ) -> StepFn:
   """Song et al.'s eq. 12 from ``steps[i]`` to ``steps[i + 1]`` (to alpha = 1 after the last).
 
   ``x0 = (z - sqrt(1 - a) eps) / sqrt(a)``;
@@ -147,14 +190,104 @@ def _ddim_step_fn(schedule: Schedule, steps: np.ndarray, eta: jax.Array,
   """
   a, a_prev, sigma, eps_coef = _ddim_coefficients(schedule, steps, eta)
 
-  def step(i, t, z, eps, noise):
-    del t
-    x0 = (z - jnp.sqrt(1 - a[i]) * eps) / jnp.sqrt(a[i])
+  def step(i, t, z, out, noise, state):
+    if objective == "eps":
+      eps = out
+      x0 = (z - jnp.sqrt(1 - a[i]) * eps) / jnp.sqrt(a[i])
+    else:
+      x0, eps = diffusion.model_output_to_x0_eps(schedule, z, t, out, objective)
     if clip_x0 is not None:
       x0 = jnp.clip(x0, *clip_x0)
       eps = (z - jnp.sqrt(a[i]) * x0) / jnp.sqrt(1 - a[i])
     mean = jnp.sqrt(a_prev[i]) * x0 + eps_coef[i] * eps
-    return mean + sigma[i] * noise, mean
+    return mean + sigma[i] * noise, mean, state
+  return step
+
+
+def dpmpp2m_timesteps(schedule: Schedule, num_steps: int,
+                      spacing: str = DEFAULT_SPACING) -> np.ndarray:
+  """DPM-Solver++'s ``num_steps`` training steps, from T-1 down to 0 (both included).
+
+  ``'time'``: :func:`ddim_timesteps`, evenly spaced in t. ``'logsnr'``: evenly spaced in
+  ``lambda = log(sqrt(a) / sqrt(1 - a))`` from ``lambda(T-1)`` to ``lambda(0)``, in whole
+  steps (the model knows whole steps only): from each step the next is the whole step whose
+  lambda is nearest an even share of the lambda left, ``lambda(s) + (lambda(0) - lambda(s))
+  / (updates left)``, among those that leave a distinct step for each update after it.
+  Where one whole step moves lambda by more than a share (the clipped last beta of the
+  cosine and sigmoid schedules, and the linear schedule's first steps once K is large)
+  the steps are consecutive there and the rest is spread evenly over what is left. With
+  ``num_steps == T`` both spacings are every step. ``'logsnr'`` reads the schedule's
+  values: call it outside jit.
+  """
+  _check_spacing(spacing)
+  num_train_steps = schedule.num_steps
+  steps = ddim_timesteps(num_train_steps, num_steps)
+  if spacing == "time" or num_steps < 2:
+    return steps
+  try:
+    a = np.asarray(schedule.alphas_cumprod, np.float64)
+  except jax.errors.TracerArrayConversionError as e:
+    raise ValueError("spacing='logsnr' reads the schedule's values: call it outside jit") from e
+  lam = 0.5 * (np.log(a) - np.log1p(-a))  # Increasing as t decreases.
+  steps[0] = num_train_steps - 1
+  for i in range(1, num_steps):
+    s, left = int(steps[i - 1]), num_steps - i
+    target = lam[s] + (lam[0] - lam[s]) / left
+    lowest = left - 1  # Steps left - 1 .. 0 remain for the updates after this one.
+    candidates = np.arange(lowest, s)
+    steps[i] = candidates[np.argmin(np.abs(lam[lowest:s] - target))]
+  return steps
+
+
+def _dpmpp2m_coefficients(schedule: Schedule, steps: np.ndarray
+                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(z_coef, x0_coef, c)`` per update of DPM-Solver++(2M) from ``steps[i]`` to ``steps[i+1]``
+  (to alpha = 1, sigma = 0 after the last).
+
+  With ``alpha = sqrt(a)``, ``sigma = sqrt(1 - a)`` and ``h = lambda_next - lambda``,
+  ``z_coef = sigma_next / sigma`` and ``x0_coef = alpha_next (1 - exp(-h))``, written as
+  ``alpha_next - alpha sigma_next / sigma`` (the same value; no logarithms, and it is 1
+  into sigma = 0). ``c = h / (2 h_prev)`` weighs the previous update's x0 in the
+  second-order estimate ``x0 + c (x0 - x0_prev)``; it is 0 at the first and the last update,
+  which are first order (DDIM's).
+  """
+  a = schedule.alphas_cumprod[jnp.asarray(steps)]
+  alpha, sigma = jnp.sqrt(a), jnp.sqrt(1 - a)
+  alpha_next = jnp.concatenate([alpha[1:], jnp.ones((1,), alpha.dtype)])
+  sigma_next = jnp.concatenate([sigma[1:], jnp.zeros((1,), sigma.dtype)])
+  z_coef = sigma_next / sigma
+  x0_coef = alpha_next - alpha * z_coef
+  # h of the updates into a step with sigma > 0, from ratios near 1 (accurate in float32).
+  h = jnp.log(alpha_next[:-1] / alpha[:-1]) + jnp.log(sigma[:-1] / sigma_next[:-1])
+  second_order = np.zeros(len(steps), bool)
+  second_order[1:-1] = True  # Updates 1 .. K-2: the last one's h is infinite.
+  ratio = jnp.concatenate([jnp.zeros((1,), h.dtype), h[1:] / (2 * h[:-1]),
+                           jnp.zeros((1,), h.dtype)])[:len(steps)]
+  c = jnp.where(jnp.asarray(second_order), ratio, 0.0)
+  return z_coef, x0_coef, c
+
+
+def _dpmpp2m_step_fn(schedule: Schedule, steps: np.ndarray,
+                     clip_x0: tuple[float, float] | None = None, objective: str = "eps"
+                     ) -> StepFn:
+  """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in data prediction, multistep.
+
+  ``z_next = (sigma_next / sigma) z + alpha_next (1 - exp(-h)) D`` with
+  ``D = x0 + h / (2 h_prev) (x0 - x0_prev)``, or ``D = x0`` at the first update and the
+  last (first order: DDIM's update, "lower_order_final"); the last lands on sigma = 0, where
+  ``z_next = x0``, the data prediction at t = 0. ``state`` is the previous update's x0.
+  The frame is ``z_next``. ``clip_x0 = (lo, hi)`` clips each x0 estimate to the data range.
+  """
+  z_coef, x0_coef, c = _dpmpp2m_coefficients(schedule, steps)
+
+  def step(i, t, z, out, noise, x0_prev):
+    del noise
+    x0 = diffusion.model_output_to_x0_eps(schedule, z, t, out, objective)[0]
+    if clip_x0 is not None:
+      x0 = jnp.clip(x0, *clip_x0)
+    d = x0 + c[i] * (x0 - x0_prev)
+    z_next = z_coef[i] * z + x0_coef[i] * d
+    return z_next, z_next, x0
   return step
 
 
@@ -169,34 +302,62 @@ def _check_eta(eta: float) -> None:
     raise ValueError(f"eta must be in [0, 1], got {eta}")
 
 
+def _check_spacing(spacing: str) -> None:
+  if spacing not in SPACINGS:
+    raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+
+
+def _check_objective(objective: str) -> None:
+  if objective not in diffusion.OBJECTIVES:
+    raise ValueError(f"objective must be one of {', '.join(diffusion.OBJECTIVES)}, "
+                     f"got {objective!r}")
+
+
 def _plan(schedule: Schedule, sampler: str, num_steps: int, eta: jax.Array,
-          snapshot_times: Sequence[int], clip_x0: tuple[float, float] | None
+          snapshot_times: Sequence[int], clip_x0: tuple[float, float] | None,
+          objective: str = "eps", timesteps: tuple[int, ...] | None = None
           ) -> tuple[np.ndarray, np.ndarray, StepFn]:
-  """``(steps, slots, step_fn)`` of a sampler: its descending steps, frame slots and update."""
+  """``(steps, slots, step_fn)`` of a sampler: its descending steps, frame slots and update.
+
+  DPM-Solver++ takes its steps from ``timesteps`` (:func:`dpmpp2m_timesteps`, made outside
+  jit since log-SNR spacing reads the schedule's values).
+  """
   if sampler == "ddpm":
     steps = np.arange(schedule.num_steps - 1, -1, -1, dtype=np.int32)
-    step_fn = _ddpm_step_fn(schedule)
-  else:
+    step_fn = _ddpm_step_fn(schedule, objective)
+  elif sampler == "ddim":
     steps = ddim_timesteps(schedule.num_steps, num_steps)
-    step_fn = _ddim_step_fn(schedule, steps, jnp.asarray(eta, jnp.float32), clip_x0)
+    step_fn = _ddim_step_fn(schedule, steps, jnp.asarray(eta, jnp.float32), clip_x0, objective)
+  elif sampler == "dpmpp2m":
+    steps = np.asarray(timesteps, np.int32)
+    step_fn = _dpmpp2m_step_fn(schedule, steps, clip_x0, objective)
+  else:
+    raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
   return steps, _frame_slots(steps, snapshot_times, schedule.num_steps), step_fn
+
+
+def _initial_state(sampler: str, z_T: jax.Array) -> Any:
+  """The sampler's own state before its first update: DPM-Solver++'s previous x0."""
+  return jnp.zeros(z_T.shape, jnp.float32) if sampler == "dpmpp2m" else ()
 
 
 def _run(apply_fn: ApplyFn, params: Any, schedule: Schedule, carry: Carry, noise_fn: NoiseFn,
          sampler: str, num_steps: int, eta: jax.Array, snapshot_times: Sequence[int],
          clip_x0: tuple[float, float] | None, start: int | jax.Array = 0,
-         length: int | None = None) -> Carry:
+         length: int | None = None, objective: str = "eps",
+         timesteps: tuple[int, ...] | None = None) -> Carry:
   """The sampler's updates ``start .. start + length - 1`` (all of them by default)."""
-  steps, slots, step_fn = _plan(schedule, sampler, num_steps, eta, snapshot_times, clip_x0)
+  steps, slots, step_fn = _plan(schedule, sampler, num_steps, eta, snapshot_times, clip_x0,
+                                objective, timesteps)
   i = start + jnp.arange(len(steps) if length is None else length, dtype=jnp.int32)
   return _reverse_scan(apply_fn, params, carry, (i, jnp.asarray(steps)[i]), slots, step_fn,
                        noise_fn)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "snapshot_times"))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "snapshot_times", "objective"))
 def ddpm_sample_from(apply_fn: ApplyFn, params: Any, schedule: Schedule, z_T: jax.Array,
-                     noise: jax.Array, snapshot_times: Sequence[int] = REVERSE_TIMES
-                     ) -> tuple[jax.Array, jax.Array]:
+                     noise: jax.Array, snapshot_times: Sequence[int] = REVERSE_TIMES, *,
+                     objective: str = "eps") -> tuple[jax.Array, jax.Array]:
   """The original's sampler from a given ``z_T`` with given noise: ``(x_0, frames)``.
 
   ``noise[t]`` (``[T, B, H, W, C]``) is added after the update at step t (``noise[0]`` is
@@ -204,16 +365,18 @@ def ddpm_sample_from(apply_fn: ApplyFn, params: Any, schedule: Schedule, z_T: ja
   mean update at each snapshot time in :func:`frame_times` order.
   """
   carry = _initial_carry(z_T, len(frame_times(snapshot_times)))
-  return _run(apply_fn, params, schedule, carry, lambda i, t: noise[t], "ddpm",
-              schedule.num_steps, jnp.float32(0), snapshot_times, None)
+  z, frames, _ = _run(apply_fn, params, schedule, carry, lambda i, t: noise[t], "ddpm",
+                      schedule.num_steps, jnp.float32(0), snapshot_times, None,
+                      objective=objective)
+  return z, frames
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("apply_fn", "num_steps", "snapshot_times", "clip_x0"))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "num_steps", "snapshot_times",
+                                             "clip_x0", "objective"))
 def ddim_sample_from(apply_fn: ApplyFn, params: Any, schedule: Schedule, z_T: jax.Array,
                      noise: jax.Array, num_steps: int, eta: float = 0.0,
                      snapshot_times: Sequence[int] = REVERSE_TIMES,
-                     clip_x0: tuple[float, float] | None = None
+                     clip_x0: tuple[float, float] | None = None, *, objective: str = "eps"
                      ) -> tuple[jax.Array, jax.Array]:
   """DDIM from a given ``z_T``; ``noise[i]`` (``[K, B, H, W, C]``) follows the i-th update.
 
@@ -221,8 +384,38 @@ def ddim_sample_from(apply_fn: ApplyFn, params: Any, schedule: Schedule, z_T: ja
   frame time f (two frame times may share a step when K is small).
   """
   carry = _initial_carry(z_T, len(frame_times(snapshot_times)))
-  return _run(apply_fn, params, schedule, carry, lambda i, t: noise[i], "ddim", num_steps,
-              eta, snapshot_times, clip_x0)
+  z, frames, _ = _run(apply_fn, params, schedule, carry, lambda i, t: noise[i], "ddim",
+                      num_steps, eta, snapshot_times, clip_x0, objective=objective)
+  return z, frames
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "timesteps", "snapshot_times",
+                                             "clip_x0", "objective"))
+def _dpmpp2m_from(apply_fn, params, schedule, z_T, timesteps, snapshot_times, clip_x0,
+                  objective):
+  carry = _initial_carry(z_T, len(frame_times(snapshot_times)),
+                         _initial_state("dpmpp2m", z_T))
+  z, frames, _ = _run(apply_fn, params, schedule, carry, lambda i, t: jnp.zeros_like(z_T),
+                      "dpmpp2m", len(timesteps), jnp.float32(0), snapshot_times, clip_x0,
+                      objective=objective, timesteps=timesteps)
+  return z, frames
+
+
+def dpmpp2m_sample_from(apply_fn: ApplyFn, params: Any, schedule: Schedule, z_T: jax.Array,
+                        num_steps: int, *, objective: str = "eps", spacing: str = DEFAULT_SPACING,
+                        snapshot_times: Sequence[int] = REVERSE_TIMES,
+                        clip_x0: tuple[float, float] | None = None
+                        ) -> tuple[jax.Array, jax.Array]:
+  """DPM-Solver++(2M) from a given ``z_T``: ``(x_0, frames)``, deterministic.
+
+  ``num_steps`` model evaluations at :func:`dpmpp2m_timesteps` (``spacing``), as DDIM's
+  ``num_steps``; ``frames[f]`` is z after the update at the step nearest frame time f.
+  """
+  _check_spacing(spacing)
+  timesteps = tuple(int(t) for t in dpmpp2m_timesteps(schedule, num_steps, spacing))
+  return _dpmpp2m_from(apply_fn, params, schedule, z_T, timesteps,
+                       tuple(snapshot_times),
+                       None if clip_x0 is None else tuple(map(float, clip_x0)), objective)
 
 
 def example_keys(rng: jax.Array, first_index: int, count: int) -> jax.Array:
@@ -244,30 +437,33 @@ def _initial_and_noise(keys: jax.Array, image_shape: tuple[int, ...]
   return z_T, noise_fn
 
 
-_STATIC = ("apply_fn", "image_shape", "sampler", "num_steps", "snapshot_times", "clip_x0")
+_STATIC = ("apply_fn", "image_shape", "sampler", "num_steps", "snapshot_times", "clip_x0",
+           "objective", "timesteps")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _from_keys(apply_fn, params, schedule, keys, eta, image_shape, sampler, num_steps,
-               snapshot_times, clip_x0):
+               snapshot_times, clip_x0, objective, timesteps):
   """A whole batch in one program: ``z_T`` and every update from the examples' keys."""
   z_T, noise_fn = _initial_and_noise(keys, image_shape)
-  return _run(apply_fn, params, schedule, _initial_carry(z_T, len(snapshot_times)), noise_fn,
-              sampler, num_steps, eta, snapshot_times, clip_x0)
+  carry = _initial_carry(z_T, len(snapshot_times), _initial_state(sampler, z_T))
+  return _run(apply_fn, params, schedule, carry, noise_fn, sampler, num_steps, eta,
+              snapshot_times, clip_x0, objective=objective, timesteps=timesteps)
 
 
-@functools.partial(jax.jit, static_argnames=("image_shape", "num_frames"))
-def _begin(keys, image_shape, num_frames):
-  return _initial_carry(_initial_and_noise(keys, image_shape)[0], num_frames)
+@functools.partial(jax.jit, static_argnames=("image_shape", "num_frames", "sampler"))
+def _begin(keys, image_shape, num_frames, sampler):
+  z_T = _initial_and_noise(keys, image_shape)[0]
+  return _initial_carry(z_T, num_frames, _initial_state(sampler, z_T))
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("length",))
 def _advance(apply_fn, params, schedule, keys, eta, carry, start, image_shape, sampler,
-             num_steps, snapshot_times, clip_x0, length):
+             num_steps, snapshot_times, clip_x0, objective, timesteps, length):
   """``length`` updates from update ``start``: one chunk of :func:`_from_keys`'s scan."""
   noise_fn = _initial_and_noise(keys, image_shape)[1]
   return _run(apply_fn, params, schedule, carry, noise_fn, sampler, num_steps, eta,
-              snapshot_times, clip_x0, start, length)
+              snapshot_times, clip_x0, start, length, objective, timesteps)
 
 
 def chunk_length(num_updates: int, max_chunks: int = 20) -> int:
@@ -297,29 +493,33 @@ def _place(keys: jax.Array, params: Any) -> tuple[jax.Array, Any]:
 def _sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, rng: jax.Array,
             shape: Sequence[int], sampler: str, num_steps: int, eta: float,
             snapshot_times: Sequence[int], first_index: int,
-            clip_x0: tuple[float, float] | None, progress: Callable[[int], Any] | None
+            clip_x0: tuple[float, float] | None, progress: Callable[[int], Any] | None,
+            objective: str = "eps", timesteps: tuple[int, ...] | None = None
             ) -> tuple[jax.Array, jax.Array]:
+  _check_objective(objective)
   keys, params = _place(example_keys(rng, first_index, shape[0]), params)
   static = dict(apply_fn=apply_fn, image_shape=tuple(shape[1:]), sampler=sampler,
                 num_steps=num_steps, snapshot_times=frame_times(snapshot_times),
-                clip_x0=None if clip_x0 is None else tuple(map(float, clip_x0)))
+                clip_x0=None if clip_x0 is None else tuple(map(float, clip_x0)),
+                objective=objective, timesteps=timesteps)
   eta = jnp.float32(eta)
   if progress is None:
-    return _from_keys(params=params, schedule=schedule, keys=keys, eta=eta, **static)
+    z, frames, _ = _from_keys(params=params, schedule=schedule, keys=keys, eta=eta, **static)
+    return z, frames
   length = chunk_length(num_steps)
-  carry = _begin(keys, static["image_shape"], len(static["snapshot_times"]))
+  carry = _begin(keys, static["image_shape"], len(static["snapshot_times"]), sampler)
   for start in range(0, num_steps, length):
     carry = jax.block_until_ready(_advance(params=params, schedule=schedule, keys=keys,
                                            eta=eta, carry=carry, start=jnp.int32(start),
                                            length=length, **static))
     progress(length)
-  return carry
+  return carry[0], carry[1]
 
 
 def ddpm_sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, rng: jax.Array,
                 shape: Sequence[int], snapshot_times: Sequence[int] = REVERSE_TIMES,
-                first_index: int = 0, progress: Callable[[int], Any] | None = None
-                ) -> tuple[jax.Array, jax.Array]:
+                first_index: int = 0, progress: Callable[[int], Any] | None = None, *,
+                objective: str = "eps") -> tuple[jax.Array, jax.Array]:
   """The original's ancestral sampler for a batch ``shape = (B, H, W, C)``: ``(x_0, frames)``.
 
   Examples are numbered from ``first_index`` (see the module docstring for the keys).
@@ -329,25 +529,47 @@ def ddpm_sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, rng: jax.Arr
   ``progress``, when given, is called with the number of updates just done after each of up
   to 20 equal chunks of the scan (:func:`chunk_length`), each a jitted call waited for; the
   results are the same as in one call. Without it the batch is one jitted call.
+  ``objective`` is what the model predicts (``'eps'``, ``'x0'`` or ``'v'``).
   """
   return _sample(apply_fn, params, schedule, rng, shape, "ddpm", schedule.num_steps, 0.0,
-                 snapshot_times, first_index, None, progress)
+                 snapshot_times, first_index, None, progress, objective)
 
 
 def ddim_sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, rng: jax.Array,
                 shape: Sequence[int], num_steps: int, eta: float = 0.0,
                 snapshot_times: Sequence[int] = REVERSE_TIMES,
                 first_index: int = 0, clip_x0: tuple[float, float] | None = None,
-                progress: Callable[[int], Any] | None = None
+                progress: Callable[[int], Any] | None = None, *, objective: str = "eps"
                 ) -> tuple[jax.Array, jax.Array]:
   """DDIM over :func:`ddim_timesteps` for a batch ``shape``: ``(x_0, frames)``.
 
   ``eta = 0`` is deterministic given ``z_T``; ``eta = 1`` adds DDPM's posterior-variance
   noise. Each frame is taken at the subsequence step nearest its snapshot time.
   ``clip_x0 = (lo, hi)`` clips each predicted x0 to the data range (off by default).
-  ``progress`` is as in :func:`ddpm_sample`.
+  ``progress`` and ``objective`` are as in :func:`ddpm_sample`.
   """
   _check_eta(eta)
   ddim_timesteps(schedule.num_steps, num_steps)
   return _sample(apply_fn, params, schedule, rng, shape, "ddim", num_steps, eta,
-                 snapshot_times, first_index, clip_x0, progress)
+                 snapshot_times, first_index, clip_x0, progress, objective)
+
+
+def dpmpp2m_sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, rng: jax.Array,
+                   shape: Sequence[int], num_steps: int, *, objective: str = "eps",
+                   spacing: str = DEFAULT_SPACING, snapshot_times: Sequence[int] = REVERSE_TIMES,
+                   first_index: int = 0, clip_x0: tuple[float, float] | None = None,
+                   progress: Callable[[int], Any] | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """DPM-Solver++(2M) (Lu et al. 2022) for a batch ``shape``: ``(x_0, frames)``.
+
+  The multistep second-order solver of the probability-flow ODE in data prediction, with
+  ``num_steps`` model evaluations at :func:`dpmpp2m_timesteps` (``spacing``: ``'time'``,
+  evenly in t, or ``'logsnr'``, evenly in log-SNR); its first and last updates are first
+  order, and the last lands on the data prediction at t = 0. Deterministic given ``z_T``
+  (the same ``z_T`` as the other samplers for the same ``rng`` and index). Frames,
+  ``clip_x0``, ``progress`` and ``objective`` are as in :func:`ddim_sample`.
+  """
+  _check_spacing(spacing)
+  timesteps = tuple(int(t) for t in dpmpp2m_timesteps(schedule, num_steps, spacing))
+  return _sample(apply_fn, params, schedule, rng, shape, "dpmpp2m", num_steps, 0.0,
+                 snapshot_times, first_index, clip_x0, progress, objective, timesteps)
