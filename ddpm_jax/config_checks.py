@@ -8,16 +8,23 @@ from typing import Any
 import ml_collections
 
 from ddpm_jax.data import DATA_RANGES, SOURCES
+from ddpm_jax.diffusion import LOSS_WEIGHTINGS, OBJECTIVES
 from ddpm_jax.errors import UserError
+from ddpm_jax.schedule import SCHEDULE_KINDS
 
-# Keys whose change makes a checkpoint's arrays or meaning incompatible.
-ARCHITECTURE_KEYS = ("model", "schedule", "data.image_size", "data.channels")
+# Keys whose change makes a checkpoint's arrays or meaning incompatible (``objective`` is
+# what the output means, ``schedule`` the process it was trained to reverse).
+ARCHITECTURE_KEYS = ("model", "schedule", "objective", "data.image_size", "data.channels")
 # Keys under ARCHITECTURE_KEYS that a run can resume with another value of: they change
 # how the same arrays compute (compute dtype, dropout in training), not the arrays.
 RESUMABLE_MODEL_KEYS = ("model.dtype", "model.dropout_rate")
 NAN_POLICIES = ("stop", "skip")
 DTYPES = ("float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "cosine")
+# Keys added after runs were first saved, and the value a saved config without them means
+# (the original's): a run saved before them resumes, samples and converts as it did.
+STORED_DEFAULTS = {"schedule.kind": "linear", "objective": "eps", "loss_weighting": "none",
+                   "min_snr_gamma": 5.0, "ema_warmup": False}
 
 
 def _require(condition: bool, message: str) -> None:
@@ -78,8 +85,25 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
            f"model.out_channels ({m.out_channels}) must equal data.channels "
            f"({config.data.channels}): the model predicts the noise of the image")
   _require(config.schedule.num_steps >= 2, "schedule.num_steps must be >= 2")
-  _require(0.0 < config.schedule.beta_start <= config.schedule.beta_end < 1.0,
-           "need 0 < schedule.beta_start <= schedule.beta_end < 1")
+  kind = config.schedule.get("kind", "linear")
+  _require(kind in SCHEDULE_KINDS,
+           f"schedule.kind must be one of {', '.join(SCHEDULE_KINDS)}; got {kind!r}")
+  if kind == "linear":
+    _require(0.0 < config.schedule.beta_start <= config.schedule.beta_end < 1.0,
+             "need 0 < schedule.beta_start <= schedule.beta_end < 1")
+  objective = config.get("objective", "eps")
+  _require(objective in OBJECTIVES,
+           f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
+  weighting = config.get("loss_weighting", "none")
+  _require(weighting in LOSS_WEIGHTINGS,
+           f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}; got {weighting!r}")
+  gamma = config.get("min_snr_gamma", 5.0)
+  _require(not isinstance(gamma, bool) and isinstance(gamma, (int, float))
+           and math.isfinite(gamma) and gamma > 0,
+           f"min_snr_gamma must be a finite number > 0, got {gamma}")
+  ema_warmup = config.get("ema_warmup", False)
+  _require(isinstance(ema_warmup, bool),
+           f"ema_warmup must be True or False, got {ema_warmup!r}")
 
   size = config.data.image_size
   factor = 2 ** half
@@ -122,6 +146,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
            f"got {config.sample_num_steps}")
   _require(config.profile_steps >= 0,
            f"profile_steps must be >= 0 (0 = no profile), got {config.profile_steps}")
+  _require(config.get("steps_per_call", 0) >= 0,
+           "steps_per_call must be >= 0 (0 = the platform's default), got "
+           f"{config.get('steps_per_call', 0)}")
   _require(config.nan_policy in NAN_POLICIES,
            f"nan_policy must be one of {', '.join(NAN_POLICIES)}; got {config.nan_policy!r}")
 
@@ -154,12 +181,16 @@ def flatten_config(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def check_resume_compatible(saved: ml_collections.ConfigDict,
                             config: ml_collections.ConfigDict) -> None:
-  """Refuses to resume a workdir with a config whose architecture or data shape differs.
+  """Refuses to resume a workdir with a config whose architecture, schedule, objective or
+  data shape differs.
 
-  The optimizer's settings (clipping, warm-up, rate schedule), ``model.dtype`` and
-  ``model.dropout_rate`` may change: the checkpoint's arrays fit the new config.
+  The optimizer's settings (clipping, warm-up, rate schedule), ``model.dtype``,
+  ``model.dropout_rate``, ``loss_weighting``, ``min_snr_gamma`` and ``ema_warmup`` may
+  change: the checkpoint's arrays fit the new config and mean the same. A key of
+  :data:`STORED_DEFAULTS` missing from either config has its default.
   """
-  old, new = flatten_config(saved.to_dict()), flatten_config(config.to_dict())
+  old = {**STORED_DEFAULTS, **flatten_config(saved.to_dict())}
+  new = {**STORED_DEFAULTS, **flatten_config(config.to_dict())}
   differing = [k for k in sorted(set(old) | set(new))
                if any(k == a or k.startswith(a + ".") for a in ARCHITECTURE_KEYS)
                and k not in RESUMABLE_MODEL_KEYS and old.get(k) != new.get(k)]

@@ -31,9 +31,22 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"  # compute dtype; params stay float32
 
   config.schedule = ml_collections.ConfigDict()
+  # 'linear' (the original's: betas from beta_start to beta_end), 'cosine' (Nichol &
+  # Dhariwal 2021) or 'sigmoid' (Chen 2023); the last two ignore beta_start and beta_end.
+  config.schedule.kind = "linear"
   config.schedule.num_steps = 1000
   config.schedule.beta_start = 1e-4
   config.schedule.beta_end = 0.02
+
+  # What the model predicts: 'eps' the noise (the original), 'x0' the clean image, or 'v'
+  # = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022). Fixed for a run: its samplers
+  # read the model's output as this.
+  config.objective = "eps"
+  # 'none' (the original: plain MSE on the objective's target) or 'min_snr': Min-SNR-gamma
+  # (Hang et al. 2023), each example's MSE weighted as the x0 MSE times
+  # min(snr, min_snr_gamma), snr = a / (1 - a). Only the training changes.
+  config.loss_weighting = "none"
+  config.min_snr_gamma = 5.0
 
   config.batch_size = 64
   config.num_epochs = 75
@@ -45,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.lr_schedule = "constant"
   config.grad_clip_norm = 0.0  # 0 = no clipping, as the original
   config.ema_decay = 0.9999
+  # True: the EMA's decay at step t is min(ema_decay, (1 + t) / (10 + t)), so that early
+  # EMA weights follow the model instead of its random init; False is the original's
+  # constant decay.
+  config.ema_warmup = False
 
   config.log_every_steps = 100
   config.checkpoint_every_steps = 2000
@@ -65,4 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   # DIR/profile/ (for Perfetto or TensorBoard), and print their op time by phase, UNet
   # layer and op (also in DIR/profile/summary.json).
   config.profile_steps = 0
+
+  # Steps per call of the compiled training loop (a lax.scan over k steps): Python's
+  # dispatch and the host's kernel launches are paid once per k. 0 = the platform's
+  # default (train.DEFAULT_STEPS_PER_CALL). Every k trains the same numbers.
+  config.steps_per_call = 0
   return config
