@@ -354,13 +354,28 @@ def _range_difference(config) -> str:
 
 
 def _differences_from_the_original(config) -> list[str]:
-  """What of a run's data and schedule the original's code (and ``--torch_checkpoint``
-  sampling) would take for something else."""
+  """What of a run's data, schedule and model output the original's code (and
+  ``--torch_checkpoint`` sampling) would take for something else.
+
+  A stored config from before ``objective`` and ``schedule.kind`` existed means the
+  original's eps and linear. ``loss_weighting`` (and ``min_snr_gamma``, ``ema_warmup``) are
+  not differences: they change how the training weighs its examples (or averages its
+  weights), not what the network's output means nor the process it reverses, so the
+  original's sampler reads such a run's weights right.
+  """
   original = dict(num_steps=1000, beta_start=1e-4, beta_end=0.02)
   differences = [_range_difference(config)] if config.data.range != "zero_one" else []
+  kind = config.schedule.get("kind", "linear")
+  if kind != "linear":
+    differences.append(f"the {kind} schedule, not linear")
+  if kind != "linear":  # Only the linear schedule reads the betas.
+    original = dict(num_steps=1000)
   schedule = {k: config.schedule[k] for k in original}
   if schedule != original:
     differences.append(f"schedule {schedule}, not {original}")
+  objective = config.get("objective", "eps")
+  if objective != "eps":
+    differences.append(f"the model predicts {objective}, not the noise (eps)")
   if config.data.image_size != 32:
     differences.append(f"{config.data.image_size}x{config.data.image_size} images, not 32x32")
   return differences

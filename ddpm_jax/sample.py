@@ -1,16 +1,23 @@
 """Samples digits from a training run or from a checkpoint of the PyTorch original.
 
   python -m ddpm_jax.sample (--workdir DIR | --torch_checkpoint FILE) --num_samples N
-      --sampler {ddpm,ddim} --num_steps K --seed S --out FILE.png [--npz FILE.npz]
-      [--reverse_strip FILE.png] [--use_ema | --no_use_ema] [--eta E] [--batch_size B]
-      [--overwrite] [--num_groups G --num_heads H --data_range R]
+      --sampler {ddpm,ddim,dpmpp2m} --num_steps K --seed S --out FILE.png [--npz FILE.npz]
+      [--reverse_strip FILE.png] [--use_ema | --no_use_ema] [--eta E] [--spacing S]
+      [--batch_size B] [--overwrite] [--num_groups G --num_heads H --data_range R]
+
+Samplers: ``ddpm`` the original's 1000-step ancestral sampler; ``ddim`` DDIM over K steps
+(``--eta`` 0, deterministic, by default); ``dpmpp2m`` DPM-Solver++(2M), deterministic, K
+model evaluations at steps evenly spaced in log-SNR (``--spacing logsnr``, the default) or
+in t (``--spacing time``).
 
 Weights: ``--workdir`` reads a ``ddpm_jax.train`` run (its config gives the architecture,
-the schedule and the data range); ``--torch_checkpoint`` reads the original's
-``{'weights', 'optimizer', 'ema'}`` file, whose shapes give the architecture except
-``num_groups`` and ``num_heads`` (flags, the original's 32 and 8 by default), with the
-original's schedule, 32x32 images and data in [0, 1] (``--data_range minus_one_one`` for a
-converted run of a [-1, 1] config). EMA weights unless ``--no_use_ema``.
+the schedule, what the model predicts (``objective``) and the data range; a config from
+before ``objective`` and ``schedule.kind`` existed means eps and linear);
+``--torch_checkpoint`` reads the original's ``{'weights', 'optimizer', 'ema'}`` file, whose
+shapes give the architecture except ``num_groups`` and ``num_heads`` (flags, the original's
+32 and 8 by default), with the original's linear schedule and noise prediction, 32x32
+images and data in [0, 1] (``--data_range minus_one_one`` for a converted run of a [-1, 1]
+config). EMA weights unless ``--no_use_ema``.
 
 Sample ``i``'s noise (its starting point and every step's) depends only on ``--seed`` and
 ``i`` (its key is ``fold_in(key(seed), i)``), so the same command gives the same images bit
@@ -22,8 +29,9 @@ serves them all.
 
 Outputs: ``--out`` a grid PNG, ``--npz`` the raw float32 images ``[N, H, W, C]`` (not
 clipped, not rescaled) with ``seed``, ``data_range``, ``sampler``, ``num_steps`` (and
-``eta`` for DDIM), ``--reverse_strip`` the original's 10-frame reverse-process strip of
-the first 8 samples, one row each. Existing files are kept unless ``--overwrite``.
+``eta`` for DDIM, ``spacing`` for DPM-Solver++, ``clip_denoised`` for both),
+``--reverse_strip`` the original's 10-frame reverse-process strip of the first 8 samples,
+one row each. Existing files are kept unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -38,15 +46,18 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from ddpm_jax import checkpoint, files, images, sampling
+from ddpm_jax import checkpoint, diffusion, files, images, sampling
 from ddpm_jax.convert import infer_architecture, load_torch_checkpoint
 from ddpm_jax.data import DATA_BOUNDS, DATA_RANGES
 from ddpm_jax.errors import ArgumentParser, UserError, run_cli
 from ddpm_jax.model import UNet, build_unet
-from ddpm_jax.schedule import Schedule, linear_schedule
+from ddpm_jax.schedule import SCHEDULE_KINDS, Schedule, build_schedule, linear_schedule
 
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_DDIM_STEPS = 50
+# DPM-Solver++(2M)'s authors report converged samples in 15-20 model evaluations.
+DEFAULT_DPMPP2M_STEPS = 20
+DEFAULT_SPACING = sampling.DEFAULT_SPACING
 STRIP_ROWS = 8
 MAX_SEED = 2**32 - 1  # jax.random.key folds larger seeds onto these.
 
@@ -59,25 +70,30 @@ class Sampleable:
   schedule: Schedule
   data_range: str
   image_shape: tuple[int, int, int]
+  objective: str = "eps"  # What the model predicts: 'eps' (the original's), 'x0' or 'v'.
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = ArgumentParser(prog="python -m ddpm_jax.sample",
-                           description="Samples images with DDPM or DDIM.")
+                           description="Samples images with DDPM, DDIM or DPM-Solver++(2M).")
   source = parser.add_argument_group("weights (exactly one)")
   source.add_argument("--workdir", help="a ddpm_jax.train workdir")
   source.add_argument("--torch_checkpoint", help="a checkpoint file of the PyTorch original")
   parser.add_argument("--step", type=int, default=None,
                       help="--workdir only: the checkpoint of this step (default: the newest)")
   parser.add_argument("--num_samples", type=int, default=16)
-  parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+  parser.add_argument("--sampler", choices=sampling.SAMPLERS, default="ddpm")
   parser.add_argument("--num_steps", type=int, default=None,
-                      help=f"ddpm: T (the default); ddim: 1..T (default {DEFAULT_DDIM_STEPS})")
+                      help=f"ddpm: T (the default); ddim: 1..T (default {DEFAULT_DDIM_STEPS}); "
+                      f"dpmpp2m: 1..T (default {DEFAULT_DPMPP2M_STEPS})")
   parser.add_argument("--eta", type=float, default=None,
                       help="ddim only: 0 deterministic (default) .. 1 DDPM's posterior variance")
+  parser.add_argument("--spacing", choices=sampling.SPACINGS, default=None,
+                      help=f"dpmpp2m only: steps evenly spaced in log-SNR or in t (default "
+                      f"{DEFAULT_SPACING})")
   parser.add_argument("--clip_denoised", action="store_true",
-                      help="ddim only: clip each predicted x0 to the data range (off, as the "
-                      "original; helps undertrained models)")
+                      help="ddim and dpmpp2m only: clip each predicted x0 to the data range "
+                      "(off, as the original; helps undertrained models)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--batch_size", type=int, default=None,
                       help=f"images per jitted call (default min(N, {DEFAULT_BATCH_SIZE}))")
@@ -116,8 +132,10 @@ def _check_args(args: argparse.Namespace) -> None:
       raise UserError("--eta applies only to --sampler ddim")
     if not 0.0 <= args.eta <= 1.0:
       raise UserError(f"--eta must be in [0, 1], got {args.eta}")
-  if args.clip_denoised and args.sampler != "ddim":
-    raise UserError("--clip_denoised applies only to --sampler ddim")
+  if args.spacing is not None and args.sampler != "dpmpp2m":
+    raise UserError("--spacing applies only to --sampler dpmpp2m")
+  if args.clip_denoised and args.sampler == "ddpm":
+    raise UserError("--clip_denoised applies only to --sampler ddim and dpmpp2m")
   if args.step is not None and args.workdir is None:
     raise UserError("--step applies only to --workdir (a torch checkpoint holds one step)")
   if args.workdir is not None and (args.num_groups is not None or args.num_heads is not None
@@ -135,13 +153,24 @@ def _load_workdir(workdir: str, use_ema: bool, step: int | None = None) -> Sampl
   if config.data.range not in DATA_RANGES:
     raise UserError(f"{workdir}: config data.range must be one of {', '.join(DATA_RANGES)}, "
                     f"got {config.data.range!r}")
+  # A config written before these keys existed: the original's noise prediction and
+  # linear schedule.
+  objective = config.get("objective", "eps")
+  if objective not in diffusion.OBJECTIVES:
+    raise UserError(f"{workdir}: config objective must be one of "
+                    f"{', '.join(diffusion.OBJECTIVES)}, got {objective!r}")
+  kind = config.schedule.get("kind", "linear")
+  if kind not in SCHEDULE_KINDS:
+    raise UserError(f"{workdir}: config schedule.kind must be one of "
+                    f"{', '.join(SCHEDULE_KINDS)}, got {kind!r}")
   size, channels = config.data.image_size, config.data.channels
   return Sampleable(
       model=build_unet(config.model),
       params=ema_params if use_ema else params,
-      schedule=linear_schedule(**config.schedule),
+      schedule=build_schedule(**config.schedule),
       data_range=config.data.range,
-      image_shape=(size, size, channels))
+      image_shape=(size, size, channels),
+      objective=objective)
 
 
 def _torch_architecture(path: str) -> dict | None:
@@ -190,21 +219,24 @@ def _load_torch(path: str, use_ema: bool, num_groups: int | None, num_heads: int
   if model.out_channels != in_channels:
     raise UserError(f"{path}: the model maps {in_channels} channel(s) to "
                     f"{model.out_channels}; a noise predictor keeps the channel count")
+  # The original predicts the noise on its linear schedule.
   return Sampleable(model=model, params=load_torch_checkpoint(path, use_ema, model),
                     schedule=linear_schedule(), data_range=data_range or "zero_one",
-                    image_shape=(32, 32, in_channels))
+                    image_shape=(32, 32, in_channels), objective="eps")
 
 
 def _num_steps(args: argparse.Namespace, num_train_steps: int) -> int:
   if args.sampler == "ddpm":
     if args.num_steps not in (None, num_train_steps):
       raise UserError(f"--sampler ddpm runs all {num_train_steps} steps of the schedule; "
-                      f"got --num_steps {args.num_steps} (use --sampler ddim for fewer)")
+                      f"got --num_steps {args.num_steps} (use --sampler ddim or dpmpp2m for "
+                      "fewer)")
     return num_train_steps
   if args.num_steps is None:
-    return min(DEFAULT_DDIM_STEPS, num_train_steps)
+    default = DEFAULT_DDIM_STEPS if args.sampler == "ddim" else DEFAULT_DPMPP2M_STEPS
+    return min(default, num_train_steps)
   if not 1 <= args.num_steps <= num_train_steps:
-    raise UserError(f"--num_steps for ddim must be in 1..{num_train_steps}, "
+    raise UserError(f"--num_steps for {args.sampler} must be in 1..{num_train_steps}, "
                     f"got {args.num_steps}")
   return args.num_steps
 
@@ -234,13 +266,15 @@ def _check_host_memory(num_samples: int, image_shape: tuple[int, ...]) -> None:
 
 def generate(run: Sampleable, sampler: str, num_steps: int, eta: float, seed: int,
              num_samples: int, batch_size: int, strip_rows: int = 0,
-             clip_denoised: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+             clip_denoised: bool = False, spacing: str = DEFAULT_SPACING
+             ) -> tuple[np.ndarray, np.ndarray, float]:
   """``(images [N, H, W, C], frames [F, strip_rows, H, W, C], first_batch_seconds)``.
 
   Runs full batches of ``batch_size`` under a progress bar that counts the reverse process's
   updates over all batches (each batch reports after each of up to 20 chunks of its scan,
   :func:`sampling.chunk_length`); with ``strip_rows = 0`` no frames are collected
-  (``F = 0``). ``clip_denoised`` (DDIM) clips each predicted x0 to the data range.
+  (``F = 0``). ``clip_denoised`` (DDIM, DPM-Solver++) clips each predicted x0 to the data
+  range; ``spacing`` is DPM-Solver++'s. The model's output is read as ``run.objective``.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   rng = jax.random.key(seed)
@@ -257,14 +291,21 @@ def generate(run: Sampleable, sampler: str, num_steps: int, eta: float, seed: in
     for start in range(0, num_samples, batch_size):
       count = min(batch_size, num_samples - start)
       try:
+        clip_x0 = DATA_BOUNDS[run.data_range] if clip_denoised else None
         if sampler == "ddpm":
           x, f = sampling.ddpm_sample(apply_fn, run.params, run.schedule, rng, shape, times,
-                                      first_index=start, progress=bar.update)
-        else:
-          clip_x0 = DATA_BOUNDS[run.data_range] if clip_denoised else None
+                                      first_index=start, progress=bar.update,
+                                      objective=run.objective)
+        elif sampler == "ddim":
           x, f = sampling.ddim_sample(apply_fn, run.params, run.schedule, rng, shape,
                                       num_steps, eta, times, first_index=start,
-                                      clip_x0=clip_x0, progress=bar.update)
+                                      clip_x0=clip_x0, progress=bar.update,
+                                      objective=run.objective)
+        else:
+          x, f = sampling.dpmpp2m_sample(apply_fn, run.params, run.schedule, rng, shape,
+                                         num_steps, objective=run.objective, spacing=spacing,
+                                         snapshot_times=times, first_index=start,
+                                         clip_x0=clip_x0, progress=bar.update)
         out[start:start + count] = np.asarray(x[:count])
         if start < strip_rows:
           frames.append(np.asarray(f[:, :min(count, strip_rows - start)]))
@@ -295,6 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = f"torch checkpoint {args.torch_checkpoint}"
   num_steps = _num_steps(args, run.schedule.num_steps)
   eta = 0.0 if args.eta is None else args.eta
+  spacing = args.spacing or DEFAULT_SPACING
   batch_size = args.batch_size or min(args.num_samples, DEFAULT_BATCH_SIZE)
   strip_rows = min(STRIP_ROWS, args.num_samples) if args.reverse_strip else 0
   _check_host_memory(args.num_samples, run.image_shape)
@@ -302,13 +344,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   start_time = time.perf_counter()
   samples, frames, first_seconds = generate(run, args.sampler, num_steps, eta, args.seed,
                                             args.num_samples, batch_size, strip_rows,
-                                            args.clip_denoised)
+                                            args.clip_denoised, spacing)
   seconds = time.perf_counter() - start_time
 
   files.write_atomic(args.out, lambda f: images.save_grid(f, samples, run.data_range))
   if args.npz:
-    extra = ({"eta": np.float32(eta), "clip_denoised": np.bool_(args.clip_denoised)}
-             if args.sampler == "ddim" else {})
+    extra = {}
+    if args.sampler == "ddim":
+      extra["eta"] = np.float32(eta)
+    if args.sampler == "dpmpp2m":
+      extra["spacing"] = np.str_(spacing)
+    if args.sampler != "ddpm":
+      extra["clip_denoised"] = np.bool_(args.clip_denoised)
     files.write_atomic(args.npz, lambda f: np.savez(
         f, images=samples, seed=np.int64(args.seed), data_range=np.str_(run.data_range),
         sampler=np.str_(args.sampler), num_steps=np.int32(num_steps), **extra))
@@ -324,7 +371,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rate += " with compilation"
   settings = f"{args.sampler}, {num_steps} steps"
   if args.sampler == "ddim":
-    settings += f", eta {eta:g}" + (", x0 clipped" if args.clip_denoised else "")
+    settings += f", eta {eta:g}"
+  if args.sampler == "dpmpp2m":
+    settings += f", {spacing} spacing"
+  if args.clip_denoised:
+    settings += ", x0 clipped"
+  if run.objective != "eps":
+    settings += f", {run.objective}-prediction model"
   print(f"sampled {args.num_samples} images ({settings}) from {source} in {seconds:.1f} s "
         f"({rate}; first batch of {batch_size} with compilation {first_seconds:.1f} s) "
         f"-> {', '.join(outputs)}", flush=True)
