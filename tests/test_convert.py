@@ -152,6 +152,24 @@ def test_convert_names_what_the_original_would_take_for_something_else():
       "{'num_steps': 1000, 'beta_start': 0.0001, 'beta_end': 0.02}", "28x28 images, not 32x32"]
 
 
+def test_convert_names_an_objective_or_schedule_the_original_would_misread():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  differences = convert._differences_from_the_original  # pylint: disable=protected-access
+  config = micro_config()
+  # Training-only options: the weights still predict the noise on the linear schedule.
+  config.loss_weighting, config.min_snr_gamma, config.ema_warmup = "min_snr", 1.0, True
+  assert differences(config) == []
+  config.objective, config.schedule.kind = "v", "cosine"
+  assert differences(config) == ["the cosine schedule, not linear",
+                                 "the model predicts v, not the noise (eps)"]
+  config.schedule.num_steps, config.schedule.beta_end = 500, 0.5  # Cosine reads no betas.
+  assert differences(config)[1] == "schedule {'num_steps': 500}, not {'num_steps': 1000}"
+  # A config.json written before objective and schedule.kind existed: the original's.
+  old = micro_config().to_dict()
+  del old["objective"], old["schedule"]["kind"]
+  assert differences(ml_collections.ConfigDict(old)) == []
+
+
 def test_converting_a_signed_data_run_says_how_to_sample_it(tmp_path, capsys):
   config = micro_config(batch_size=4, num_train_steps=1)
   config.data.range = "minus_one_one"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,9 @@ from PIL import Image
 import reference_torch as R
 from ddpm_jax import images, sample
 from ddpm_jax.checkpoint import load_run_state, read_config
+from ddpm_jax.config_defaults import base_config
 from ddpm_jax.errors import UserError
+from ddpm_jax.schedule import build_schedule, linear_schedule
 from tests.conftest import QUARTER, randomize_norms, reference_kwargs
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -104,6 +107,12 @@ def test_argument_errors(checkpoint, tmp_path):
       ([*ckpt, "--sampler", "ddim", "--eta", -0.5, *out], "--eta must be in"),
       ([*ckpt, "--eta", 0.5, *out], "--eta applies only"),
       ([*ckpt, "--clip_denoised", *out], "--clip_denoised applies only"),
+      ([*ckpt, "--sampler", "ddim", "--spacing", "time", *out],
+       "--spacing applies only to --sampler dpmpp2m"),
+      ([*ckpt, "--sampler", "dpmpp2m", "--spacing", "karras", *out], "invalid choice"),
+      ([*ckpt, "--sampler", "dpmpp2m", "--eta", 0.5, *out], "--eta applies only"),
+      ([*ckpt, "--sampler", "dpmpp2m", "--num_steps", 1001, *out],
+       r"--num_steps for dpmpp2m must be in 1\.\.1000"),
       ([*ckpt, "--sampler", "ddpm", "--num_steps", 50, *out], "runs all 1000 steps"),
       ([*ckpt, "--sampler", "ddim", "--num_steps", 1001, *out], r"must be in 1\.\.1000"),
       ([*ckpt, "--sampler", "ddim", "--num_steps", 0, *out], r"must be in 1\.\.1000"),
@@ -224,3 +233,107 @@ def test_workdir_round_trip(tmp_path):
   proc = _run("--workdir", workdir, "--step", 7, "--out", out / "seven.png")
   assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
   assert "has no checkpoint at step 7; its steps: 1, 2, 3" in proc.stderr
+
+
+def _dpmpp2m_args(checkpoint, out_dir, *extra):
+  return ["--torch_checkpoint", checkpoint, *QUARTER_FLAGS, "--num_samples", 3,
+          "--batch_size", 2, "--sampler", "dpmpp2m", "--num_steps", 4, "--seed", 7,
+          "--out", out_dir / "grid.png", "--npz", out_dir / "samples.npz",
+          "--reverse_strip", out_dir / "strip.png", *extra]
+
+
+def test_dpmpp2m_writes_the_outputs_and_is_deterministic(checkpoint, tmp_path):
+  first = _run(*_dpmpp2m_args(checkpoint, tmp_path / "a"))
+  assert first.returncode == 0, first.stderr
+  assert "dpmpp2m, 4 steps, logsnr spacing" in first.stdout, first.stdout
+  # The bar counts the updates of both batches, one chunk per update.
+  assert "dpmpp2m-4, 2 x 2 images" in first.stderr and " 8/8 " in first.stderr, first.stderr
+  with np.load(tmp_path / "a" / "samples.npz") as npz:
+    samples = npz["images"]
+    assert samples.dtype == np.float32 and samples.shape == (3, 32, 32, 1)
+    assert np.isfinite(samples).all()
+    assert (str(npz["sampler"]), int(npz["num_steps"]), str(npz["spacing"]),
+            bool(npz["clip_denoised"])) == ("dpmpp2m", 4, "logsnr", False)
+    assert "eta" not in npz
+  tile = 32 + images.PADDING
+  with Image.open(tmp_path / "a" / "strip.png") as strip:  # One row of 10 frames per sample.
+    assert strip.size == (10 * tile + images.PADDING, 3 * tile + images.PADDING)
+
+  again = _run(*_dpmpp2m_args(checkpoint, tmp_path / "b"))
+  assert again.returncode == 0, again.stderr
+  with np.load(tmp_path / "b" / "samples.npz") as npz:
+    np.testing.assert_array_equal(npz["images"], samples)
+  assert (tmp_path / "b" / "strip.png").read_bytes() == (tmp_path / "a" / "strip.png").read_bytes()
+
+  timed = _run(*_dpmpp2m_args(checkpoint, tmp_path / "c", "--spacing", "time",
+                              "--clip_denoised"))
+  assert timed.returncode == 0, timed.stderr
+  assert "dpmpp2m, 4 steps, time spacing, x0 clipped" in timed.stdout, timed.stdout
+  with np.load(tmp_path / "c" / "samples.npz") as npz:
+    assert (str(npz["spacing"]), bool(npz["clip_denoised"])) == ("time", True)
+    assert not np.allclose(npz["images"], samples)
+
+
+def _fake_run(config):
+  """``checkpoint.load_run`` for a workdir holding ``config`` (the weights are not read)."""
+  return lambda workdir, step=None: (config, {"w": 0}, {"w": 1})
+
+
+def test_a_workdir_config_gives_the_objective_and_schedule(monkeypatch):
+  """A config saved before objective and schedule.kind existed means eps and linear."""
+  old = base_config().to_dict()
+  del old["objective"], old["schedule"]["kind"]
+  monkeypatch.setattr(sample.checkpoint, "load_run", _fake_run(ml_collections.ConfigDict(old)))
+  run = sample._load_workdir("old", use_ema=True)  # pylint: disable=protected-access
+  assert run.objective == "eps" and run.params == {"w": 1}
+  np.testing.assert_array_equal(run.schedule.alphas_cumprod, linear_schedule().alphas_cumprod)
+
+  new = base_config()
+  new.objective, new.schedule.kind = "v", "cosine"
+  monkeypatch.setattr(sample.checkpoint, "load_run", _fake_run(new))
+  run = sample._load_workdir("new", use_ema=False)  # pylint: disable=protected-access
+  assert run.objective == "v" and run.params == {"w": 0}
+  np.testing.assert_array_equal(run.schedule.alphas_cumprod,
+                                build_schedule("cosine").alphas_cumprod)
+
+  for key, value, message in (("objective", "score", "config objective must be one of eps, x0, v"),
+                              ("kind", "quadratic", "config schedule.kind must be one of")):
+    bad = base_config().to_dict()
+    (bad if key == "objective" else bad["schedule"])[key] = value
+    monkeypatch.setattr(sample.checkpoint, "load_run", _fake_run(ml_collections.ConfigDict(bad)))
+    with pytest.raises(UserError, match=message):
+      sample._load_workdir("bad", use_ema=True)  # pylint: disable=protected-access
+
+
+@pytest.mark.slow
+def test_a_v_prediction_cosine_run_samples_with_dpmpp2m(tmp_path):
+  """Trains the tiny config for 2 steps with objective v on a 50-step cosine schedule, then
+  samples it with DPM-Solver++(2M), twice."""
+  workdir = tmp_path / "run"
+  train = subprocess.run(
+      [sys.executable, "-m", "ddpm_jax.train", "--config", "configs/mnist_tiny.py",
+       "--workdir", str(workdir), "--config.num_train_steps=2", "--config.batch_size=4",
+       "--config.schedule.num_steps=50", "--config.model.time_steps=50",
+       "--config.schedule.kind=cosine", "--config.objective=v",
+       "--config.loss_weighting=min_snr", "--config.checkpoint_every_steps=2",
+       "--config.lr_schedule=constant"],
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=ROOT, capture_output=True, text=True,
+      timeout=600, check=False)
+  assert train.returncode == 0, train.stderr[-2000:]
+  assert (read_config(workdir).objective, read_config(workdir).schedule.kind) == ("v", "cosine")
+  out = tmp_path / "out"
+  results = []
+  for name in ("a", "b"):
+    proc = _run("--workdir", workdir, "--num_samples", 2, "--sampler", "dpmpp2m",
+                "--num_steps", 10, "--seed", 3, "--out", out / f"{name}.png",
+                "--npz", out / f"{name}.npz", "--reverse_strip", out / f"{name}_strip.png")
+    assert proc.returncode == 0, proc.stderr
+    assert "dpmpp2m, 10 steps, logsnr spacing, v-prediction model" in proc.stdout, proc.stdout
+    assert "dpmpp2m-10, 1 x 2 images" in proc.stderr and " 10/10 " in proc.stderr, proc.stderr
+    with np.load(out / f"{name}.npz") as npz:
+      assert npz["images"].shape == (2, 32, 32, 1) and np.isfinite(npz["images"]).all()
+      results.append(npz["images"])
+  np.testing.assert_array_equal(results[0], results[1])
+  with Image.open(out / "a_strip.png") as strip:
+    assert strip.size == (10 * (32 + images.PADDING) + images.PADDING,
+                          2 * (32 + images.PADDING) + images.PADDING)
