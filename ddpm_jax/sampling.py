@@ -490,6 +490,17 @@ def _place(keys: jax.Array, params: Any) -> tuple[jax.Array, Any]:
           jax.device_put(params, NamedSharding(mesh, P())))
 
 
+def _carry_sharding(keys: jax.Array, carry: Carry) -> Any:
+  """Where each chunk leaves the carry: on the keys' device, or split over the batch axis
+  of the keys' mesh (axis 1 of the frames). The first chunk's carry is put there too, as
+  another placement (an uncommitted array, replicated frames) would compile it twice."""
+  if not isinstance(keys.sharding, NamedSharding):
+    return next(iter(keys.sharding.device_set))
+  batch = NamedSharding(keys.sharding.mesh, P("data"))
+  return (batch, NamedSharding(keys.sharding.mesh, P(None, "data")),
+          jax.tree.map(lambda _: batch, carry[2]))
+
+
 def _sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, rng: jax.Array,
             shape: Sequence[int], sampler: str, num_steps: int, eta: float,
             snapshot_times: Sequence[int], first_index: int,
@@ -508,6 +519,7 @@ def _sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, rng: jax.Array,
     return z, frames
   length = chunk_length(num_steps)
   carry = _begin(keys, static["image_shape"], len(static["snapshot_times"]), sampler)
+  carry = jax.device_put(carry, _carry_sharding(keys, carry))
   for start in range(0, num_steps, length):
     carry = jax.block_until_ready(_advance(params=params, schedule=schedule, keys=keys,
                                            eta=eta, carry=carry, start=jnp.int32(start),

@@ -257,6 +257,21 @@ def test_progress_runs_the_same_scan_in_chunks(sampler):
   assert np.abs(frames).reshape(4, -1).max(axis=1).min() > 0  # Every frame was written.
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp2m"])
+def test_chunks_compile_once_with_committed_params(sampler):
+  """Params restored from a checkpoint are committed to a device, so every chunk's output
+  is: the first chunk's carry is put there too, or the chunk would compile twice."""
+  params = jax.device_put({"w": jnp.float32(0.5)}, jax.local_devices()[0])
+  f = lambda variables, z, t, train: variables["params"]["w"] * z
+  run = {"ddim": lambda: sampling.ddim_sample(f, params, SCHEDULE, jax.random.key(0),
+                                              (2, 8, 8, 1), 6, progress=lambda n: None),
+         "dpmpp2m": lambda: sampling.dpmpp2m_sample(f, params, SCHEDULE, jax.random.key(0),
+                                                    (2, 8, 8, 1), 6, progress=lambda n: None)}
+  before = sampling._advance._cache_size()  # pylint: disable=protected-access
+  run[sampler]()
+  assert sampling._advance._cache_size() == before + 1  # pylint: disable=protected-access
+
+
 _SHARDED_SCRIPT = """
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
