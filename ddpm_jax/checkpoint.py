@@ -35,8 +35,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ddpm_jax.config_checks import check_resume_compatible
 from ddpm_jax.errors import UserError
-from ddpm_jax.train_state import fit_opt_state, stored_opt_state_target
+from ddpm_jax.train_state import abstract_train_state, fit_opt_state, stored_opt_state_target
 
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -183,6 +184,64 @@ def finish(mngr: ocp.CheckpointManager, step: int) -> None:
   except Exception as e:  # orbax/tensorstore raise many types for a failed write.
     raise _write_error(mngr, step, e) from e
   _empty_todelete(mngr)
+
+
+class Saver:
+  """Saves train states in the background, one at a time: a new save first waits for the
+  one still being written. ``last`` is the newest step saved (or restored, when given as
+  ``saved``); ``manager`` the orbax manager it writes with."""
+
+  def __init__(self, mngr: ocp.CheckpointManager, saved: int | None = None):
+    self.manager = mngr
+    self.last = saved
+    self._pending: int | None = None  # The step whose save is still being written.
+
+  def save(self, step: int, state: Any, meta: dict) -> None:
+    self.finish()
+    save(self.manager, step, state, meta)
+    self._pending = self.last = step
+
+  def finish(self) -> None:
+    """Waits for the pending save; :class:`UserError` if it could not be written."""
+    if self._pending is not None:
+      step, self._pending = self._pending, None
+      finish(self.manager, step)
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Refuses, before anything is written, a workdir whose entries are of the wrong kind (a
+  file named ``checkpoints``, a directory named ``metrics.jsonl``) or whose config the
+  run cannot resume with."""
+  entries = {CHECKPOINTS: True, METRICS_FILE: False,
+             CONFIG_FILE: False}
+  if config.sample_every_steps:  # Entries only a run that writes them needs.
+    entries[SAMPLES] = True
+  if config.profile_steps:
+    entries[PROFILE] = True
+  for name, is_dir in entries.items():
+    path = workdir / name
+    if path.exists() and path.is_dir() != is_dir:
+      want, got = ("directory", "file") if is_dir else ("file", "directory")
+      raise UserError(f"{path} is a {got}, not a {want}; move it away or use another --workdir")
+  if (workdir / CONFIG_FILE).is_file():
+    saved = read_config(workdir)
+    check_resume_compatible(saved, config)
+    checkpoints = workdir / CHECKPOINTS
+    if saved.get("seed") != config.seed and checkpoints.is_dir() and any(checkpoints.iterdir()):
+      print(f"note: {workdir} was trained with seed {saved.get('seed')}; resuming with seed "
+            f"{config.seed}, the checkpoint's noise key carries on and the batches follow seed "
+            f"{config.seed}, so the run is neither seed's uninterrupted run",
+            file=sys.stderr, flush=True)
+
+
+def create_workdir(workdir: pathlib.Path) -> None:
+  """Creates the workdir (and its parents); refuses one this process cannot write in."""
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create workdir {workdir}: {e.strerror}") from e
+  if not os.access(workdir, os.W_OK):
+    raise UserError(f"workdir {workdir} is not writable")
 
 
 @contextlib.contextmanager
@@ -333,28 +392,23 @@ def with_sharding(abstract: Any, sharding: jax.sharding.Sharding | None) -> Any:
                       abstract)
 
 
-def load_run(workdir: str | os.PathLike,
-             abstract_state_fn: Callable[[ml_collections.ConfigDict], Any] | None = None,
-             step: int | None = None) -> tuple[ml_collections.ConfigDict, Any, Any]:
+def load_run(workdir: str | os.PathLike, step: int | None = None
+             ) -> tuple[ml_collections.ConfigDict, Any, Any]:
   """``(config, params, ema_params)`` from a training workdir's newest readable checkpoint,
   or from its checkpoint at ``step``."""
-  config, _, state = load_run_state(workdir, abstract_state_fn, step)
+  config, _, state = load_run_state(workdir, step)
   return config, state.params, state.ema_params
 
 
-def load_run_state(workdir: str | os.PathLike,
-                   abstract_state_fn: Callable[[ml_collections.ConfigDict], Any] | None = None,
-                   step: int | None = None) -> tuple[ml_collections.ConfigDict, int, Any]:
+def load_run_state(workdir: str | os.PathLike, step: int | None = None
+                   ) -> tuple[ml_collections.ConfigDict, int, Any]:
   """``(config, step, train_state)`` from a training workdir's newest readable checkpoint,
   or from its checkpoint at ``step``."""
   workdir = pathlib.Path(workdir)
   if not workdir.is_dir():
     raise UserError(f"workdir {workdir} does not exist")
   config = read_config(workdir)
-  if abstract_state_fn is None:
-    from ddpm_jax.train import abstract_train_state  # pylint: disable=g-import-not-at-top
-    abstract_state_fn = abstract_train_state
-  abstract = with_sharding(abstract_state_fn(config),
+  abstract = with_sharding(abstract_train_state(config),
                            jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
   if not (workdir / CHECKPOINTS).is_dir():
     raise UserError(f"{workdir} has no {CHECKPOINTS}/ directory: train first")

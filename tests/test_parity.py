@@ -14,7 +14,7 @@ from ddpm_jax import diffusion
 from ddpm_jax.convert import flax_to_torch, to_torch_checkpoint, torch_to_flax
 from ddpm_jax.model import UNet, sinusoidal_embeddings
 from ddpm_jax.schedule import linear_schedule
-from ddpm_jax.train_state import apply_gradients, create_train_state, make_optimizer
+from ddpm_jax.train_state import apply_gradients, initial_state, make_optimizer
 from tests.conftest import (HALF, QUARTER, nchw_to_nhwc, nhwc_to_nchw, randomize_norms,
                             reference_kwargs)
 
@@ -262,7 +262,7 @@ def _jax_training(model, params, t, e):
         state.params, model.apply, s, x0, jnp.asarray(t), jnp.asarray(nchw_to_nhwc(e)))
     return apply_gradients(state, grads, tx, 0.9999), loss
 
-  return create_train_state(params, tx, jax.random.key(0)), step
+  return initial_state(params, tx, jax.random.key(0)), step
 
 
 def test_full_training_step_matches_reference():
@@ -359,7 +359,7 @@ def test_adam_and_ema_arithmetic_match_torch_given_the_same_gradients(decay):
   opt = torch.optim.Adam([p], lr=2e-5)
   ema = R.ModelEma(module, decay=decay)
   tx = make_optimizer(2e-5)
-  state = create_train_state({"w": jnp.asarray(w0)}, tx, jax.random.key(0))
+  state = initial_state({"w": jnp.asarray(w0)}, tx, jax.random.key(0))
   for g in grads:
     p.grad = torch.from_numpy(g)
     opt.step()
