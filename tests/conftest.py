@@ -1,11 +1,15 @@
 """Shared test helpers: CPU-only JAX, deterministic torch, and NCHW <-> NHWC at the boundary."""
 
-import importlib.util
 import os
-import pathlib
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One CPU device unless a test asks for more: `python -m ddpm_jax.train` would otherwise
+# split the host into a device per core, and the tests compare its runs bit for bit with
+# runs in this process.
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=1").strip()
 # XLA's CPU compiles dominate these tests (10-30 s for a train step on 2 cores); tests that
 # build the same program again, in process or in a subprocess, take it from this cache.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
@@ -15,15 +19,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import numpy as np
 import pytest
 
+from ddpm_jax.cli import load_config_file  # pylint: disable=unused-import
 from ddpm_jax.config_defaults import base_config
-
-
-def load_config_file(path):
-  """``get_config()`` of the config file at ``path``."""
-  spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def nchw_to_nhwc(x):
