@@ -299,6 +299,12 @@ class BatchIterator:
       self._permutation_cache = cached
     return cached[1]
 
+  def indices_at(self, step: int) -> np.ndarray:
+    """The indices into ``images`` of the whole global batch of step ``step`` (int32)."""
+    epoch, position = divmod(step, self.steps_per_epoch)
+    start = position * self.batch_size
+    return self._permutation(epoch)[start:start + self.batch_size].astype(np.int32)
+
   def batch_at(self, step: int) -> np.ndarray:
     """This process's rows of the batch of global step ``step``."""
     epoch, position = divmod(step, self.steps_per_epoch)

@@ -118,6 +118,9 @@ def _unwrap(component: str) -> str:
   return component
 
 
+_LOOP_COMPONENTS = ("while", "body", "cond", "closed_call", "scan")
+
+
 def phase_and_module(op_name: str, root: str = "UNet") -> tuple[str, str]:
   """``(phase, module)`` of a JAX ``op_name`` such as
   ``jit(train_step)/transpose(jvp(UNet))/Layer6/attention_layer/vmap()/reduce_sum``.
@@ -127,6 +130,9 @@ def phase_and_module(op_name: str, root: str = "UNet") -> tuple[str, str]:
   component below the jitted function, unwrapped.
   """
   parts = op_name.split("/")[1:] if op_name.startswith("jit(") else op_name.split("/")
+  # The loop of several steps runs the step in a lax.scan: its ops sit under while/body.
+  while parts and parts[0] in _LOOP_COMPONENTS:
+    parts = parts[1:]
   head = parts[0] if parts else ""
   phase = BACKWARD if "transpose(" in head else FORWARD if "jvp(" in head else REST
   names = [_unwrap(p) for p in parts]

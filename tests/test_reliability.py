@@ -281,6 +281,36 @@ def test_killed_at_random_moments_a_run_resumes_bit_identically(reference, tmp_p
   assert stats["kills"] >= 2, stats
 
 
+def test_a_run_of_several_steps_per_call_killed_and_resumed_is_bit_identical(reference,
+                                                                             tmp_path):
+  """Four steps a call, a checkpoint every four: SIGKILLed once step 4's checkpoint is
+  committed (while the next call runs), the run resumes to step 8, and both checkpoints
+  hold the uninterrupted one-step-a-call run's state, bit for bit."""
+  workdir = tmp_path / "run"
+  argv = _cli(workdir, {"steps_per_call": 4, "log_every_steps": 4,
+                        "checkpoint_every_steps": 4})
+  with open(tmp_path / "run.log", "w") as out:
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=out)
+  try:
+    deadline = time.monotonic() + 300
+    while not (workdir / checkpoint.CHECKPOINTS / "4").is_dir():
+      assert proc.poll() is None and time.monotonic() < deadline, (
+          tmp_path / "run.log").read_text()[-3000:]
+      time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert 8 not in _steps(workdir)
+  resumed = _run(argv)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert _steps(workdir) == [4, 8]
+  for step in (4, 8):
+    _assert_same(_restore(workdir, step), reference.state(step))
+
+
 @pytest.mark.slow
 def test_twenty_kills_at_random_moments_lose_nothing(tmp_path):
   reference = Reference(tmp_path / "reference", 45)

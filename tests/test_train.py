@@ -18,7 +18,7 @@ import pytest
 
 from PIL import Image
 
-from ddpm_jax import checkpoint, images, profiling, sampling, train
+from ddpm_jax import checkpoint, cli, data, images, profiling, sampling, train, train_state
 from ddpm_jax.model import build_unet
 from ddpm_jax.schedule import linear_schedule
 from ddpm_jax.train import abstract_train_state, sample_grid_path, train_and_evaluate
@@ -62,7 +62,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, capsys):
 
 def test_a_run_with_its_state_in_other_device_layouts_trains_and_resumes_the_same(
     tmp_path, monkeypatch):
-  """On a GPU the loop keeps the state in layouts XLA picks (``compile_train_step``); on a
+  """On a GPU the loop keeps the state in layouts XLA picks (``compile_train_steps``); on a
   CPU these are row-major. Given the reverse order of every kernel's dimensions instead,
   a run that checkpoints, resumes and writes a sample grid trains the row-major run's
   numbers, and its checkpoint and grid hold the values of the state in memory."""
@@ -73,13 +73,13 @@ def test_a_run_with_its_state_in_other_device_layouts_trains_and_resumes_the_sam
     return c
 
   straight = train_and_evaluate(config(), str(tmp_path / "a"))
-  chosen_by_xla = train.compile_train_step
+  chosen_by_xla = train.compile_train_steps
 
-  def reversed_kernels(config, mesh, state, batch, formats=None):
-    assert formats is None  # The loop lets XLA choose.
-    return chosen_by_xla(config, mesh, state, batch, reversed_kernel_formats(state))
+  def reversed_kernels(config, mesh, state, images, num_steps, formats=None):
+    assert formats is None  # The loop lets XLA choose (one call length here).
+    return chosen_by_xla(config, mesh, state, images, num_steps, reversed_kernel_formats(state))
 
-  monkeypatch.setattr(train, "compile_train_step", reversed_kernels)
+  monkeypatch.setattr(train, "compile_train_steps", reversed_kernels)
   train_and_evaluate(config(num_train_steps=2), str(tmp_path / "b"))
   relaid = train_and_evaluate(config(), str(tmp_path / "b"))
   # 13 conv kernels in each of params, mu, nu and the EMA.
@@ -357,6 +357,37 @@ def test_eight_devices_give_the_one_device_result(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(cli.available_cores() < 2, reason="needs 2 CPU cores")
+def test_the_cli_trains_on_a_device_per_core_the_one_device_numbers(tmp_path):
+  """Without a device count in XLA_FLAGS, `python -m ddpm_jax.train` on a 2-core CPU trains
+  on 2 devices, each on half of every batch: the one-device run's numbers to the 8-device
+  test's tolerance."""
+  overrides = ["--config.model.channels=(8,16,32,64,64,48)", "--config.model.num_groups=4",
+               "--config.model.num_heads=2", "--config.batch_size=8",
+               "--config.num_train_steps=3", "--config.lr_schedule=constant",
+               "--config.learning_rate=1e-3", "--config.warmup_steps=0"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+      "--xla_force_host_platform_device_count=1", "").strip()
+  out = subprocess.run([sys.executable, "-m", "ddpm_jax.train", "--config",
+                        "configs/mnist_tiny.py", f"--workdir={tmp_path / 'two'}", *overrides],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "on 2 cpu devices" in out.stdout, out.stdout
+  config = cli.load_config_file(os.path.join(REPO, "configs/mnist_tiny.py"))
+  config.model.update(channels=(8, 16, 32, 64, 64, 48), num_groups=4, num_heads=2)
+  config.update(batch_size=8, num_train_steps=3, lr_schedule="constant", learning_rate=1e-3,
+                warmup_steps=0)
+  one = train_and_evaluate(config, str(tmp_path / "one"))
+  _, params, _ = checkpoint.load_run(tmp_path / "two")
+  a = np.concatenate([x.ravel() for x in _leaves(params)])
+  b = np.concatenate([x.ravel() for x in _leaves(one.params)])
+  diff = np.abs(a - b)  # As in the 8-device test: bounded by 2 x lr x steps, rare > 1e-5.
+  assert diff.max() <= 2 * 1e-3 * 3
+  assert np.mean(diff > 1e-5) <= 0.01, np.mean(diff > 1e-5)
+
+
+@pytest.mark.slow
 def test_tiny_config_loss_falls(tmp_path):
   sys.path.insert(0, os.path.join(REPO, "configs"))
   import mnist_tiny  # pylint: disable=g-import-not-at-top
@@ -371,6 +402,65 @@ def test_tiny_config_loss_falls(tmp_path):
   assert np.mean(losses[-2:]) < 0.3
 
 
+def test_k_steps_per_call_train_the_numbers_of_one_step_calls(tmp_path, capsys, monkeypatch):
+  """A call of k steps is a lax.scan of the one-step program: the state, every metrics line
+  and the epoch lines are those of single-step calls, bit for bit, with calls cut short at
+  each line, checkpoint and the run's end (here of 2, 1, 1, 2, 1 steps for k = 3). 24
+  images make epochs of 3 steps, which end inside calls."""
+  load = data.load_dataset
+  monkeypatch.setattr(data, "load_dataset", lambda *a, **k: tuple(x[:24] for x in load(*a, **k)))
+  config = functools.partial(micro_config, num_train_steps=7, log_every_steps=2,
+                             checkpoint_every_steps=4)
+  one = train_and_evaluate(config(steps_per_call=1), str(tmp_path / "one"))
+  one_out = capsys.readouterr().out
+  three = train_and_evaluate(config(steps_per_call=3), str(tmp_path / "three"))
+  three_out = capsys.readouterr().out
+  for x, y in zip(_leaves(one), _leaves(three), strict=True):
+    np.testing.assert_array_equal(x, y)
+  lines = {k: [json.loads(l) for l in (tmp_path / k / "metrics.jsonl").read_text().splitlines()]
+           for k in ("one", "three")}
+  assert [(r["step"], r["loss"]) for r in lines["one"]] == [
+      (r["step"], r["loss"]) for r in lines["three"]]
+  assert [r["step"] for r in lines["one"]] == [2, 4, 6, 7]
+  assert checkpoint.manager(tmp_path / "three", read_only=True).all_steps() == [4, 7]
+  epochs = [l for l in one_out.splitlines() if l.startswith("Epoch")]
+  assert [l.split(" |")[0] for l in epochs] == ["Epoch 1", "Epoch 2"]
+  assert epochs == [l for l in three_out.splitlines() if l.startswith("Epoch")]
+
+
+def test_the_command_line_splits_the_cpu_into_a_device_per_core(monkeypatch):
+  """One CPU device per core, as many as divide the batch; an XLA_FLAGS that sets the
+  count already is left as it is."""
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true")
+  assert cli.use_cpu_cores(16, cores=2) == 2
+  assert os.environ["XLA_FLAGS"] == ("--xla_cpu_use_thunk_runtime=true "
+                                     "--xla_force_host_platform_device_count=2")
+  assert cli.use_cpu_cores(16, cores=2) == 0  # Set now: left alone.
+  monkeypatch.delenv("XLA_FLAGS")
+  assert cli.use_cpu_cores(12, cores=8) == 6 and "count=6" in os.environ["XLA_FLAGS"]
+  monkeypatch.delenv("XLA_FLAGS")
+  assert cli.use_cpu_cores(7, cores=2) == 1 and "XLA_FLAGS" not in os.environ
+
+
+def test_the_ema_warm_up_ramps_its_decay_as_its_formula():
+  """decay_t = min(decay, (1 + t) / (10 + t)); the EMA after a few updates is that lerp."""
+  steps = jnp.arange(6)
+  np.testing.assert_allclose(train_state.ema_decay_at(steps, 0.995, warmup=True),
+                             np.minimum(0.995, (1 + np.arange(6)) / (10 + np.arange(6))),
+                             rtol=1e-7)
+  assert float(train_state.ema_decay_at(10**6, 0.995, warmup=True)) == np.float32(0.995)
+  assert train_state.ema_decay_at(3, 0.995) == 0.995  # Off: the original's constant.
+  tx = optax.sgd(1.0)
+  state = train_state.initial_state({"w": jnp.zeros(())}, tx, jax.random.key(0))
+  expected = 0.0
+  for t in range(3):
+    grads = {"w": -jnp.ones(())}  # w = t + 1 after the update.
+    state = train_state.apply_gradients(state, grads, tx, 0.995, ema_warmup=True)
+    decay = min(0.995, (1 + t) / (10 + t))
+    expected = decay * expected + (1 - decay) * (t + 1)
+  np.testing.assert_allclose(float(state.ema_params["w"]), expected, rtol=1e-6)
+
+
 def test_abstract_state_matches_a_real_checkpoint_tree():
   abstract = abstract_train_state(micro_config())
   n = sum(x.size for x in jax.tree.leaves(abstract.params))
@@ -382,7 +472,7 @@ def test_the_cpu_init_compiled_at_O1_gives_the_default_compilations_bits():
   """create_train_state compiles the init at LLVM -O1 on CPU (faster to compile); the state
   must be the one XLA's default optimization level gives, bit for bit."""
   config = micro_config()
-  init = train._init_state  # pylint: disable=protected-access
+  init = train_state._init_state  # pylint: disable=protected-access
   default = jax.jit(functools.partial(init, config))()
   fast = train.create_train_state(config)
   for x, y in zip(jax.tree.leaves(jax.device_get(fast)), jax.tree.leaves(jax.device_get(default)),
