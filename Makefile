@@ -49,7 +49,9 @@ demo: $(STAMP)
 	  --num_samples 256 --seed 0 --out $(DEMO_DIR)/samples.png --npz $(DEMO_DIR)/samples.npz \
 	  --reverse_strip $(DEMO_DIR)/reverse.png --overwrite
 	$(PY) -m ddpm_jax.evaluate --samples $(DEMO_DIR)/samples.npz > $(DEMO_DIR)/evaluation.txt
+	$(PY) -m ddpm_jax.plot --workdir $(DEMO_DIR) --out $(DEMO_DIR)/loss.png --overwrite
 	cat $(DEMO_DIR)/evaluation.txt
+	@echo "Pictures: $(DEMO_DIR)/samples.png (256 samples), $(DEMO_DIR)/reverse.png (the reverse process), $(DEMO_DIR)/loss.png (the loss curve)"
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py --config configs/mnist_tiny.py --json bench_cpu.json --sample_timed_steps 20
