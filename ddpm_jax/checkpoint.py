@@ -164,10 +164,10 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None
   The meta also gets a CRC32 of each array of ``state``, for :func:`restore_latest`.
   Raises :class:`UserError` if the checkpoint cannot be written.
   """
-  # One host copy serves the checksums and the write. Orbax writes NumPy arrays with about
-  # half the CPU time it spends on device arrays (it slices and copies each of those itself;
-  # ~1 s against ~0.45 s for the micro UNet's 491 arrays), and restores either as the
-  # sharded device arrays of the abstract state it is given.
+  # One host copy serves the checksums and the write. Orbax writes NumPy arrays with less
+  # CPU time than device arrays (it slices and copies each of those itself; BENCHMARKS.md,
+  # "Checkpoint writes"), and restores either as the sharded device arrays of the abstract
+  # state it is given.
   state = jax.device_get(state)
   meta = dict(meta, **{_CHECKSUMS: _checksums(state)})
   try:
