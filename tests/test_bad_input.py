@@ -180,9 +180,8 @@ def _stored_without_recipe_keys():
   return json.dumps(d)
 
 
-# The recipe options' cases, run like CASES (their messages are not yet in the README's
-# troubleshooting table, which test_the_readme_troubleshooting_table_lists_every_case reads).
-RECIPE_CASES = {
+# The recipe options' cases.
+CASES.update({
     "bad_objective": lambda t: (
         _train(t, "--config.objective=noise"), {},
         "objective must be one of eps, x0, v; got 'noise'"),
@@ -200,7 +199,7 @@ RECIPE_CASES = {
         (*TRAIN, "--config", TINY, "--workdir", str(t / "run"), "--config.objective=v"), {},
         "the workdir was trained with a different objective; nothing was changed. Use another "
         "--workdir, or resume with --config.objective=eps"),
-}
+})
 
 
 def _messages(stderr):
@@ -273,21 +272,3 @@ def test_help_prints_the_usage_and_exits_0(flag, tmp_path):
       "usage: python -m ddpm_jax.train --config FILE --workdir DIR [--config.KEY=VALUE ...]\n")
   assert "--config.KEY=VALUE   overrides a key" in result.stdout
   assert not (tmp_path / "run").exists()
-
-
-@pytest.fixture(scope="module")
-def recipe_results(tmp_path_factory):
-  """Each of RECIPE_CASES' ``(expected text, completed process)``, two at a time."""
-  dirs = {name: tmp_path_factory.mktemp(name) for name in RECIPE_CASES}
-
-  def run(name):
-    args, env, expected = RECIPE_CASES[name](dirs[name])
-    return name, (expected, _python(args, env))
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    return dict(pool.map(run, RECIPE_CASES))
-
-
-@pytest.mark.parametrize("name", sorted(RECIPE_CASES))
-def test_bad_recipe_input_gives_one_error_line(name, recipe_results):
-  expected, result = recipe_results[name]
-  print(_assert_one_error_line(result, expected))
