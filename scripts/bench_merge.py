@@ -7,8 +7,9 @@ For measurements split into parts (``--parts``, ``--batch_sizes``), as
 ``scripts/gpu_bench.sh`` does: the rows are concatenated, each run's JAX/torch ratios
 taken within that run, MFU recomputed from the model's FLOPs, the performance issue's
 targets taken over all of them, and the tables printed as ``bench.py`` prints them. Each
-sampling row keeps its speed-up over the original's loop timed in its own run. The runs
-must share the device and the model.
+sampling row keeps its speed-up over the original's loop timed in its own run, and each
+loop-program row its ratios to the single step of its own run. The runs must share the
+device and the model.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import json
 import os
 import sys
 
+# scripts/ for the package ``bench`` and the repository for ``ddpm_jax``.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import bench
+from bench import flops, report
 from ddpm_jax import files
 from ddpm_jax.errors import ArgumentParser, UserError, run_cli
 
@@ -51,10 +53,12 @@ def merge_documents(docs: list[dict], names: list[str]) -> dict:
   train = [r for doc in docs for r in doc["train"]]
   sampling = [r for doc in docs for r in doc["sampling"]]
   # MFU again, from the model's FLOPs (documents of before that rule took XLA's count).
-  bench.add_mfu(train, first["flops"]["analytic_train_flops_per_img"], first["device"]["kind"],
+  flops.add_mfu(train, first["flops"]["analytic_train_flops_per_img"], first["device"]["kind"],
                 first["device"]["platform"] == "gpu")
   # Each run's JAX rows against the torch rows of the same run, never of another.
-  ratios = [r for doc in docs for r in bench.train_ratios(doc["train"])]
+  ratios = [r for doc in docs for r in report.train_ratios(doc["train"])]
+  # The loop program's rows keep their ratios, each taken within its own run.
+  loop_program = [r for doc in docs for r in doc.get("loop_program", [])]
   breakdowns = [doc["breakdown"] for doc in docs if doc["breakdown"]["jax"]]
   seeds = [doc["flops"]["seed_unet"] for doc in docs if doc["flops"]["seed_unet"]]
   applicable = all(doc["targets_applicable"] for doc in docs)
@@ -66,11 +70,11 @@ def merge_documents(docs: list[dict], names: list[str]) -> dict:
                     batch_sizes=sorted({b for d in docs for b in d["settings"]["batch_sizes"]}),
                     parts=sorted({p for d in docs for p in d["settings"].get("parts", [])})),
       flops=dict(first["flops"], seed_unet=seeds[0] if seeds else None),
-      train=train, train_ratios=ratios, sampling=sampling,
+      train=train, train_ratios=ratios, loop_program=loop_program, sampling=sampling,
       parity=[r for doc in docs for r in doc.get("parity", [])],
       breakdown=breakdowns[0] if breakdowns else dict(first["breakdown"], jax=None, torch=None),
       targets_applicable=applicable,
-      targets=bench.evaluate_targets(train, ratios, sampling, applicable))
+      targets=report.evaluate_targets(train, ratios, sampling, applicable))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     raise UserError(f"--json {args.json} is one of the inputs; write the merge elsewhere")
   doc = merge_documents([read(p) for p in args.inputs], args.inputs)
   files.write_text_atomic(args.json, json.dumps(doc, indent=1))
-  print(bench.report(doc))
+  print(report.report(doc))
   print(f"\nwrote {args.json}" + ("" if doc["complete"] else
                                 " (some runs were cut short: their missing rows are absent)"))
   return 0

@@ -4,11 +4,8 @@
 # part cut short keeps what it measured):
 #   parity     bench.py's parity rows (JAX's output and gradients against the original's;
 #              only when named: measured once on the H100 of BENCHMARKS.md)
-#   train64    its train rows at batch 64 (with the breakdown, the XLA-layouts step and
-#              the float32 profile)
-#   variants64 (only when named) the float32 train row at batch 64 and its breakdown with
-#              the whole step timed with each way of writing the optimizer+EMA update
-#              (left out of the merge: its figures are in its own JSON and the log)
+#   train64    its train rows at batch 64 (with the breakdown, the float32 profile and
+#              the loop's program at 1 and 10 steps a call)
 #   sample64   its samplers at batch 64
 #   train256   its train rows at batch 256
 #   sample256  its samplers at batch 256
@@ -25,7 +22,7 @@
 # CONFIG defaults to configs/mnist.py (the original UNET). GPU_BENCH_PARTS lists the parts
 # to run, in order (default "train64 sample64 train256 sample256 loop"); GPU_BENCH_LIMITS
 # gives one limit in seconds per listed part (default: parity 75, train64 300, sample64
-# 50, train256 95, sample256 45, loop 60, profile256 90, variants64 200; 550 s for the
+# 50, train256 95, sample256 45, loop 60, profile256 90; 550 s for the
 # default five, from what each took on the H100 of BENCHMARKS.md, with a margin). Writes
 # OUTDIR/bench_<part>.json for the bench parts, OUTDIR/bench.log (every part's output),
 # OUTDIR/loop_metrics.jsonl and OUTDIR/bench_gpu.json, the bench parts merged (a device
@@ -44,13 +41,13 @@ export PYTHONUNBUFFERED=1
 cache=$(mktemp -d)
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$cache}
 declare -A default_limit=([parity]=75 [train64]=300 [sample64]=50 [train256]=95
-                         [sample256]=45 [loop]=60 [profile256]=90 [variants64]=200)
+                         [sample256]=45 [loop]=60 [profile256]=90)
 read -r -a parts <<< "${GPU_BENCH_PARTS:-train64 sample64 train256 sample256 loop}"
 limits=()
 for part in "${parts[@]}"; do
   if [ -z "${default_limit[$part]:-}" ]; then
     echo "error: GPU_BENCH_PARTS has '$part'; the parts are parity train64 sample64" \
-      "train256 sample256 loop profile256 variants64" >&2
+      "train256 sample256 loop profile256" >&2
     exit 2
   fi
   limits+=("${default_limit[$part]}")
@@ -119,27 +116,25 @@ for i in "${!parts[@]}"; do
   limit=${limits[$i]}
   case ${parts[$i]} in
     parity) bench parity "$limit" --parts parity "$@" ;;
-    train64) bench train64 "$limit" --parts train --batch_sizes 64 --novariant_steps "$@" ;;
-    variants64) bench variants64 "$limit" --parts train --batch_sizes 64 --dtypes float32 \
-      --notorch_compile --noprofile --noxla_layouts "$@" ;;
+    train64) bench train64 "$limit" --parts train --batch_sizes 64 "$@" ;;
     sample64) bench sample64 "$limit" --parts sample --batch_sizes 64 "$@" ;;
-    # At batch 256 no target needs torch.compile, the breakdown or the profile, and the
-    # samplers run a quarter of their steps (img/s scaled to the full count).
+    # At batch 256 no target needs torch.compile, the breakdown, the profile or the loop's
+    # program, and the samplers run a quarter of their steps (img/s scaled to the full
+    # count).
     train256) bench train256 "$limit" --parts train --batch_sizes 256 --nobreakdown \
-      --noprofile --notorch_compile "$@" ;;
+      --noprofile --notorch_compile --loop_steps_per_call= "$@" ;;
     sample256) bench sample256 "$limit" --parts sample --batch_sizes 256 \
       --sample_timed_steps 250 --sample_reps 2 "$@" ;;
     profile256) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
       bench profile256 "$limit" --parts train --batch_sizes 256 --dtypes bfloat16 \
-      --nobreakdown --notorch_compile --reps 2 "$@" ;;
+      --nobreakdown --notorch_compile --loop_steps_per_call= --reps 2 "$@" ;;
     loop) loop "$limit" ;;
   esac
 done
 rm -rf "$cache"
 
 # One document and the tables for BENCHMARKS.md, from the bench parts that left a JSON
-# (not profile256's, whose timings ran without command buffers, nor variants64's, whose
-# rows repeat train64's).
+# (not profile256's, whose timings ran without command buffers).
 documents=()
 for name in parity train64 sample64 train256 sample256; do
   [ -s "$out/bench_$name.json" ] && documents+=("$out/bench_$name.json")

@@ -22,7 +22,7 @@ def _bench(*args, timeout: int = 900) -> subprocess.CompletedProcess:
 
 
 def _tiny_model() -> dict:
-  return load_config_file(ROOT / TINY).model.to_dict()
+  return load_config_file(str(ROOT / TINY)).model.to_dict()
 
 
 def _positive(value) -> bool:
@@ -167,9 +167,7 @@ def test_flops_near_the_analytic_count(quick):
 
 @pytest.mark.slow
 def test_breakdown_and_targets(quick):
-  import jax  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import train  # pylint: disable=g-import-not-at-top
-  doc, stdout = quick
+  doc, _ = quick
   b = doc["breakdown"]
   assert b["batch"] == 8
   for part in ("forward_ms", "optimizer_ema_ms", "step_ms"):
@@ -180,15 +178,8 @@ def test_breakdown_and_targets(quick):
   assert b["jax"]["step_ms"] == jax_row["step_ms"]
   assert b["jax"]["backward_ms"] == pytest.approx(
       b["jax"]["step_ms"] - b["jax"]["forward_ms"] - b["jax"]["optimizer_ema_ms"])
-  variants = b["jax"]["update_variants"]
-  assert [v["variant"] for v in variants] == ["optax", "one map per leaf", "flat"]
-  # GB/s is the least traffic (9 float32 arrays of the model's size) over the time.
-  tiny = load_config_file(ROOT / TINY)
-  size = sum(math.prod(p.shape) for p in jax.tree.leaves(
-      train.abstract_train_state(tiny).params))
-  for v in variants:
-    assert _positive(v["ms"]) and v["gb_per_s"] == pytest.approx(9 * 4 * size / v["ms"] / 1e6)
-    assert f"| {v['variant']} | {v['ms']:.2f} |" in stdout
+  # The one-off experiments once timed here live in benchmarks/experiments/.
+  assert "update_variants" not in b["jax"] and "xla_layouts" not in b["jax"]
   # The profiler trace of the same step: op time by phase, module and op, per step.
   profile = jax_row["profile"]
   assert profile["steps"] == 3 and profile["trace_dir"] is None
@@ -205,99 +196,85 @@ def test_breakdown_and_targets(quick):
   assert all(t["measured"] is None and t["met"] is None for t in doc["targets"])
 
 
-def test_update_variants_compute_optax_adam_and_the_ema(monkeypatch):
-  """The optimizer+EMA update written as one map per leaf and as one flat vector gives,
-  after three steps, what optax's Adam and the tree-mapped EMA give (the train step's)."""
-  monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-  import bench  # pylint: disable=g-import-not-at-top,import-error
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  config = micro_config(ema_decay=0.9)  # An EMA that moves well above float32's rounding.
-  initial = bench.train.create_train_state(config)
-  keys = jax.random.split(jax.random.PRNGKey(0), 3)
-  grads = [jax.tree.map(lambda p, k=k: jax.random.normal(k, p.shape), initial.params)
-           for k in keys]
-  states = {}
-  for variant in bench.UPDATE_VARIANTS:
-    update, state = jax.jit(bench.update_variant(config, variant)), initial
-    for g in grads:
-      state = update(state, g)
-    states[variant] = state
-  expected = jax.tree.leaves(states["optax"])
-  for variant in bench.UPDATE_VARIANTS[1:]:
-    state = states[variant]
-    assert jax.tree.structure(state) == jax.tree.structure(states["optax"]), variant
-    assert int(state.step) == 3
-    for got, want in zip(jax.tree.leaves(state), expected):
-      np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-8, err_msg=variant)
-  moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(abs(a - b).max()),
-                                       states["optax"].ema_params, initial.ema_params))
-  assert min(moved) > 1e-5  # Three real steps: the check above compares moved numbers.
+@pytest.mark.slow
+def test_the_loop_program_beside_the_single_step(quick):
+  """The loop's k-step program (``train.compile_train_steps``), for the first row (float32,
+  batch 8), at 2 steps a call under --quick: per-step figures from the call's timing, set
+  against the single step's row, and its table."""
+  doc, stdout = quick
+  (r,) = doc["loop_program"]
+  single = next(r for r in doc["train"] if r["framework"] == "jax" and r["dtype"] == "float32")
+  assert (r["framework"], r["program"], r["dtype"], r["batch"], r["steps_per_call"]) == (
+      "jax", "train.compile_train_steps", "float32", 8, 2)
+  assert len(r["timing"]["rep_s"]) == 2 and _positive(r["compile_s"])
+  assert r["call_ms"] == pytest.approx(1e3 * r["timing"]["median_s"])
+  assert r["step_ms"] == pytest.approx(r["call_ms"] / 2)
+  assert r["img_per_s"] == pytest.approx(8 / r["step_ms"] * 1e3)
+  assert r["over_single_step"] == pytest.approx(r["img_per_s"] / single["img_per_s"])
+  assert r["over_one_step_per_call"] is None  # No row of one step a call under --quick.
+  assert "The training loop's program (train.compile_train_steps" in stdout
+  assert f"| float32 | 8 | 2 | {r['step_ms']:.2f} | {r['img_per_s']:.1f} | – |" in stdout
+  assert doc["settings"]["loop_steps_per_call"] == [2]
 
 
-def test_the_update_variants_time_in_the_step_of_a_scheduled_config(monkeypatch):
-  """``time_variant_steps`` swaps a config's optimizer state (here a warm-up, a cosine
-  decay and clipping) for the constant-rate Adam its variants write out, so each step
-  compiles and runs."""
+def test_the_loop_program_rows_are_set_against_one_step_a_call_and_the_single_step(
+    monkeypatch):
+  """Each loop-program row against the row of one step a call and the single step of its
+  own dtype and batch; None where that was not measured."""
   monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-  import bench  # pylint: disable=g-import-not-at-top,import-error
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  config = micro_config(batch_size=2, warmup_steps=2, lr_schedule="cosine", decay_steps=10,
-                        grad_clip_norm=1.0)
-  config.model.update(channels=(8, 16), attentions=(False, True), upscales=(False, True))
-  mesh = bench.train.make_mesh()
-  state = bench.train.create_train_state(config, NamedSharding(mesh, P()))
-  x = jax.device_put(jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 1)),
-                     NamedSharding(mesh, P("data")))
-  fv = bench.flags.FlagValues()
-  bench.define_flags(fv)
-  fv(["bench", "--reps", "1", "--warmup", "0", "--min_rep_s", "0"])
-  steps = bench.time_variant_steps(config, state, x, bench.settings_from_flags(fv))
-  assert list(steps) == list(bench.UPDATE_VARIANTS) and all(ms > 0 for ms in steps.values())
+  from bench import report  # pylint: disable=g-import-not-at-top,import-error
+
+  def loop(k, img_per_s, dtype="float32"):
+    return dict(dtype=dtype, batch=64, steps_per_call=k, img_per_s=img_per_s)
+
+  train = [dict(framework="jax", status="ok", dtype="float32", batch=64, img_per_s=100.0),
+           dict(framework="torch", status="ok", dtype="float32", batch=64, img_per_s=50.0)]
+  rows = [loop(1, 90.0), loop(10, 135.0), loop(10, 40.0, "bfloat16")]
+  report.compare_loop_program(rows, train)
+  assert [(r["over_one_step_per_call"], r["over_single_step"]) for r in rows] == [
+      (1.0, 0.9), (1.5, 1.35), (None, None)]
 
 
 def test_the_step_runs_with_its_state_in_other_layouts(monkeypatch):
-  """On the CPU XLA keeps every state array row-major, so ``time_row_major`` finds nothing
-  to time; ``compile_train_step`` given other layouts (here the reverse order of every
-  kernel's dimensions) takes and gives back its state in them, so it loops, and computes
-  the row-major step's numbers, as does the step with the update written as one vector;
-  the breakdown of a step in those layouts times it row-major and with each update."""
+  """On the CPU XLA keeps every state array row-major; ``compile_train_step`` given other
+  layouts (here the reverse order of every kernel's dimensions) takes and gives back its
+  state in them, so it loops, and computes the row-major step's numbers; the breakdown of
+  a step in those layouts times its parts on a row-major copy."""
   monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-  import bench  # pylint: disable=g-import-not-at-top,import-error
+  # pylint: disable=g-import-not-at-top,import-error
+  from bench import jax_rows, settings as bench_settings
+  from absl import flags  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+
+  def row_major(a, layout_format) -> bool:
+    return tuple(layout_format.layout.major_to_minor) == tuple(range(a.ndim))
+
   config = micro_config(batch_size=2)
   # Two layers (a down and an up one), to keep the compilations short.
   config.model.update(channels=(8, 16), attentions=(False, True), upscales=(False, True))
-  mesh = bench.train.make_mesh()
-  replicated = NamedSharding(mesh, P())
-  initial = bench.train.create_train_state(config, replicated)
+  mesh = train.make_mesh()
+  initial = train.create_train_state(config, NamedSharding(mesh, P()))
   x = jax.device_put(jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 1)),
                      NamedSharding(mesh, P("data")))
-  fv = bench.flags.FlagValues()
-  bench.define_flags(fv)
+  fv = flags.FlagValues()
+  bench_settings.define_flags(fv)
   fv(["bench", "--reps", "1", "--warmup", "0", "--min_rep_s", "0"])
-  _, chosen = bench.train.compile_train_step(config, mesh, initial, x)
+  _, chosen = train.compile_train_step(config, mesh, initial, x)
   leaves = jax.tree.leaves(initial)
-  assert all(bench.is_row_major(a, f) for a, f in zip(leaves, jax.tree.leaves(chosen)))
-  found = bench.time_row_major(config, jax.device_put(initial, chosen), x,
-                               bench.settings_from_flags(fv))
-  assert found == dict(leaves=len(leaves), relaid_leaves=0, relaid_bytes=0)
+  assert all(row_major(a, f) for a, f in zip(leaves, jax.tree.leaves(chosen)))
 
   formats = reversed_kernel_formats(initial)
-  compiled, _ = bench.train.compile_train_step(config, mesh, initial, x,
-                                               formats=formats)
+  compiled, _ = train.compile_train_step(config, mesh, initial, x, formats=formats)
   state = jax.device_put(initial, formats, may_alias=False)
-  reference = bench.train.make_train_step(config, mesh)
+  reference = train.make_train_step(config, mesh)
   expected = jax.tree.map(lambda a: a.copy(), initial)
-  for i in range(2):
+  for _ in range(2):
     state, _ = compiled(state, x)
     expected, _ = reference(expected, x)
-    if i == 0:
-      after_one = [np.asarray(a) for a in jax.tree.leaves(expected)]
-  relaid = [a for a in jax.tree.leaves(state) if not bench.is_row_major(a, a.format)]
+  relaid = [a for a in jax.tree.leaves(state) if not row_major(a, a.format)]
   # 13 conv kernels (4 per layer in its ResBlocks, 1 for its resampling, 3 around them)
   # in each of params, mu, nu and the EMA.
   assert len(relaid) == 4 * 13
@@ -305,39 +282,40 @@ def test_the_step_runs_with_its_state_in_other_layouts(monkeypatch):
              for a, f in zip(jax.tree.leaves(state), jax.tree.leaves(formats)))
   for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
-  # The step with the update written as one flat vector computes the same numbers (after
-  # one step: in a second, Adam's normalised step carries float32 rounding of the first
-  # into weights whose gradient is near zero, up to 1e-5 here).
-  flat, _ = bench.train.compile_train_step(config, mesh, initial, x,
-                                           update=bench.update_variant(config, "flat"))
-  state_flat, _ = flat(jax.tree.map(lambda a: a.copy(), initial), x)
-  for got, want in zip(jax.tree.leaves(state_flat), after_one):
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-7)
-  # The breakdown counts and times the step's own layouts before its parts move the state,
-  # and times the step with each update in it.
-  found = bench.jax_breakdown(config, state, x, 1.0, bench.settings_from_flags(fv))
-  assert found["xla_layouts"]["relaid_leaves"] == 4 * 13
-  assert found["xla_layouts"]["row_major_step_ms"] > 0
-  assert [v["variant"] for v in found["update_variants"]] == list(bench.UPDATE_VARIANTS)
-  assert all(v["step_ms"] > 0 for v in found["update_variants"])
+  found = jax_rows.jax_breakdown(config, state, x, 1.0, bench_settings.settings_from_flags(fv))
+  assert set(found) == {"step_ms", "forward_ms", "backward_ms", "optimizer_ema_ms"}
+  assert found["forward_ms"] > 0 and found["optimizer_ema_ms"] > 0
+  # The step's own state is left in its layouts: the parts ran on a copy.
+  assert len([a for a in jax.tree.leaves(state) if not row_major(a, a.format)]) == 4 * 13
 
 
 def test_the_profile_takes_the_first_row_and_the_breakdown_float32(monkeypatch):
+  """The profile and the loop program take the first row, the breakdown the float32 row
+  of the first batch size; each can be turned off."""
   monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-  import bench  # pylint: disable=g-import-not-at-top,import-error
+  from bench import settings as bench_settings  # pylint: disable=g-import-not-at-top,import-error
   import dataclasses  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   fv = flags.FlagValues()
-  bench.define_flags(fv)
+  bench_settings.define_flags(fv)
   fv(["bench", "--batch_sizes", "256,64", "--dtypes", "bfloat16,float32"])
-  settings = bench.settings_from_flags(fv)
-  rows = {(i, d): bench.breakdown_and_profile(settings, i, d)
+  settings = bench_settings.settings_from_flags(fv)
+  assert settings.loop_steps_per_call == (1, 10)
+  rows = {(i, d): bench_settings.breakdown_and_profile(settings, i, d)
           for i in (0, 1) for d in ("bfloat16", "float32")}
   assert rows == {(0, "bfloat16"): (False, True), (0, "float32"): (True, False),
                   (1, "bfloat16"): (False, False), (1, "float32"): (False, False)}
-  off = dataclasses.replace(settings, breakdown=False, profile=False)
-  assert bench.breakdown_and_profile(off, 0, "bfloat16") == (False, False)
-  assert bench.breakdown_and_profile(off, 0, "float32") == (False, False)
+  loops = {(i, d) for i in (0, 1) for d in ("bfloat16", "float32")
+           if bench_settings.times_loop_program(settings, i, d)}
+  assert loops == {(0, "bfloat16")}
+  off = dataclasses.replace(settings, breakdown=False, profile=False, loop_steps_per_call=())
+  assert bench_settings.breakdown_and_profile(off, 0, "bfloat16") == (False, False)
+  assert bench_settings.breakdown_and_profile(off, 0, "float32") == (False, False)
+  assert not bench_settings.times_loop_program(off, 0, "bfloat16")
+  none = flags.FlagValues()
+  bench_settings.define_flags(none)
+  none(["bench", "--loop_steps_per_call="])
+  assert bench_settings.settings_from_flags(none).loop_steps_per_call == ()
 
 
 def test_gpu_bench_script_runs_the_parts_named_in_order(tmp_path):
@@ -361,9 +339,9 @@ def test_gpu_bench_script_runs_the_parts_named_in_order(tmp_path):
   profile, train = log.read_text().splitlines()
   assert profile.startswith("XLA_FLAGS= --xla_gpu_enable_command_buffer= | scripts/bench.py ")
   assert profile.endswith("--parts train --batch_sizes 256 --dtypes bfloat16 --nobreakdown "
-                          "--notorch_compile --reps 2")
+                          "--notorch_compile --loop_steps_per_call= --reps 2")
   assert train.startswith("XLA_FLAGS= | scripts/bench.py --config configs/mnist.py --json ")
-  assert train.endswith("/bench_train64.json --parts train --batch_sizes 64 --novariant_steps")
+  assert train.endswith("/bench_train64.json --parts train --batch_sizes 64")
   defaults = dict(env, GPU_BENCH_LOOP_FLAGS="--config.model.dtype=bfloat16")
   del defaults["GPU_BENCH_PARTS"]
   proc = subprocess.run(script, cwd=ROOT, env=defaults, capture_output=True, text=True,
@@ -377,6 +355,8 @@ def test_gpu_bench_script_runs_the_parts_named_in_order(tmp_path):
   assert loop.endswith("--config.lr_schedule=constant --config.model.dtype=bfloat16")
   for parts, limits, message in (
       ("train64 eval", None, "error: GPU_BENCH_PARTS has 'eval'; the parts are"),
+      # An experiment's part, moved to benchmarks/experiments/.
+      ("variants64", None, "error: GPU_BENCH_PARTS has 'variants64'; the parts are"),
       ("train64 loop", "1 2 3", "error: GPU_BENCH_LIMITS needs one number of seconds for "
                                 "each of the 2 parts (train64 loop), got '1 2 3'")):
     bad = dict(env, GPU_BENCH_PARTS=parts, GPU_BENCH_LIMITS=limits or "")
@@ -394,6 +374,11 @@ def test_user_errors_are_one_line(tmp_path):
                ["--config", TINY, "--json", tmp_path / "out.json", "--ddim_steps", "2000"],
                ["--config", TINY, "--json", tmp_path / "out.json", "--parts", "train,eval"],
                ["--config", TINY, "--json", tmp_path / "out.json", "--profile_dir", __file__],
+               ["--config", TINY, "--json", tmp_path / "out.json", "--loop_steps_per_call", "0"],
+               # The flags of the experiments moved to benchmarks/experiments/.
+               ["--config", TINY, "--json", tmp_path / "out.json", "--variant_steps"],
+               ["--config", TINY, "--json", tmp_path / "out.json", "stray"],
+               ["--config", TINY, "--json", tmp_path / "out.json", "--config.no_such_key=1"],
                ["--json", tmp_path / "out.json"]):
     proc = _bench(*args, timeout=120)
     assert proc.returncode == 2, (args, proc.stderr)
@@ -446,13 +431,13 @@ def test_merging_parts_gives_back_the_whole_run(quick, tmp_path):
   doc, stdout = quick
   train = dict(doc, train_ratios=[], sampling=[],
                settings=dict(doc["settings"], parts=["train", "parity"]))
-  sample = dict(doc, train=[], train_ratios=[], parity=[],
+  sample = dict(doc, train=[], train_ratios=[], parity=[], loop_program=[],
                 settings=dict(doc["settings"], parts=["sample"]),
                 breakdown=dict(doc["breakdown"], jax=None, torch=None),
                 flops=dict(doc["flops"], seed_unet=None))
   merged, paths, proc = _merged(tmp_path, train=train, sample=sample)
-  for key in ("train", "train_ratios", "sampling", "parity", "breakdown", "flops", "targets",
-              "device"):
+  for key in ("train", "train_ratios", "loop_program", "sampling", "parity", "breakdown",
+              "flops", "targets", "device"):
     assert merged[key] == doc[key], key
   assert merged["complete"] and merged["settings"]["parts"] == ["parity", "sample", "train"]
   assert merged["merged_from"] == list(map(str, paths))
@@ -520,6 +505,9 @@ def test_gpu_bench_script_leaves_its_files_when_a_part_runs_out_of_time(tmp_path
                     for p in ("parity", "train64", "sample64", "train256")]
   assert all(p["complete"] for p in parts) and merged["complete"]
   assert merged["train"] == parts[0]["train"] + parts[2]["train"]
+  # The loop's program (at 2 steps a call, --quick): timed in the batch-64 part only.
+  assert [r["steps_per_call"] for r in merged["loop_program"]] == [2]
+  assert merged["loop_program"] == parts[0]["loop_program"] and parts[2]["loop_program"] == []
   assert merged["sampling"] == parts[1]["sampling"]
   assert parity["train"] == parity["sampling"] == [] and parts[0]["parity"] == []
   assert merged["parity"] == parity["parity"]

@@ -219,22 +219,24 @@ def test_the_bench_keeps_a_train_row_whose_profile_fails(monkeypatch):
   """The GPU trace layout is untested here: a profile that fails leaves its error in the
   row, and the row's timings stand."""
   monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parent.parent / "scripts"))
-  import bench  # pylint: disable=g-import-not-at-top,import-error
+  # pylint: disable=g-import-not-at-top,import-error
+  from bench import jax_rows, settings as bench_settings, timing
+  from ddpm_jax.train_state import create_train_state  # pylint: disable=g-import-not-at-top
 
   def fail(*args, **kwargs):
     raise FileNotFoundError("no *.trace.json.gz under /x/plugins/profile")
   monkeypatch.setattr(profiling, "profile_calls", fail)
   config = micro_config(batch_size=2)
-  devices = bench.Devices(jax.devices("cpu")[0], None, "CPU")
-  settings = bench.Settings(batch_sizes=(2,), dtypes=("float32",), reps=1, warmup=0,
-                            min_rep_s=0.0, ddim_steps=2, sample_timed_steps=0,
-                            reference_timed_steps=2, sample_reps=1, torch_compile=False,
-                            breakdown=False, xla_layouts=False, variant_steps=False,
-                            profile=True,
-                            profile_dir=None, parts=("train",), quick=True)
-  initial = bench.train.create_train_state(config)
-  row = bench.jax_train(config, "float32", 2, initial, devices, settings, breakdown=False,
-                        profile=True)
+  devices = timing.Devices(jax.devices("cpu")[0], None, "CPU")
+  settings = bench_settings.Settings(batch_sizes=(2,), dtypes=("float32",), reps=1, warmup=0,
+                                     min_rep_s=0.0, ddim_steps=2, sample_timed_steps=0,
+                                     reference_timed_steps=2, sample_reps=1,
+                                     torch_compile=False, breakdown=False, profile=True,
+                                     profile_dir=None, parts=("train",), quick=True,
+                                     loop_steps_per_call=())
+  initial = create_train_state(config)
+  row = jax_rows.jax_train(config, "float32", 2, initial, devices, settings, breakdown=False,
+                           profile=True)
   assert row["status"] == "ok" and row["step_ms"] > 0
   assert row["profile"] == dict(error="FileNotFoundError: no *.trace.json.gz under "
                                       "/x/plugins/profile", trace_dir=None)
