@@ -37,8 +37,9 @@ def config_file_arg(argv: Sequence[str]) -> str | None:
   return None
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
   """``get_config()`` of the config file at ``path`` (any ``:ARG`` suffix dropped)."""
+  path = os.fspath(path)
   spec = importlib.util.spec_from_file_location("ddpm_jax_user_config", path.split(":", 1)[0])
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -105,7 +106,7 @@ def parse_flags(argv: Sequence[str], define_flags: Callable[[object], None],
                     f"{type(e).__name__}: {' '.join(str(e).split())}") from e
   if len(rest) > 1:
     raise UserError(f"unexpected argument {rest[1]!r}: every setting is a flag, e.g. "
-                    "--workdir DIR or --config.batch_size=64")
+                    "--config.batch_size=64")
   return config, flag_values
 
 

@@ -41,9 +41,9 @@ from ddpm_jax.train_state import (TrainState, abstract_train_state, apply_gradie
                                   state_from_torch)
 
 # Steps per call of the compiled loop when config.steps_per_call is 0, by platform: on a
-# GPU the host's dispatch and kernel launches are paid once per call (BENCHMARKS.md); on
-# a CPU a step takes long enough for them not to matter.
-DEFAULT_STEPS_PER_CALL = {"cpu": 1, "gpu": 50, "cuda": 50, "rocm": 50, "tpu": 50}
+# GPU the host's dispatch and kernel launches are paid once per call (BENCHMARKS.md). A
+# CPU runs one step a call (runs_in_scan).
+DEFAULT_STEPS_PER_CALL = {"gpu": 50, "cuda": 50, "rocm": 50, "tpu": 50}
 
 
 def loss_options(config: ml_collections.ConfigDict) -> dict:
@@ -96,12 +96,15 @@ def train_step_fn(config: ml_collections.ConfigDict
       skip_nonfinite=config.nan_policy == "skip")
 
 
-def train_steps_fn(config: ml_collections.ConfigDict, batch_sharding: jax.sharding.Sharding
+def train_steps_fn(config: ml_collections.ConfigDict, batch_sharding: jax.sharding.Sharding,
+                   scan: bool = True
                    ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
   """``steps(state, images, indices) -> (state, metrics)``: ``len(indices)`` steps of
   :func:`train_step_fn` in one ``lax.scan``, step ``i`` on ``images[indices[i]]`` (laid
   out on ``batch_sharding``); ``metrics`` holds one entry per step. For a class-conditional
-  model ``images`` is ``(images, labels)``, both gathered with the same indices."""
+  model ``images`` is ``(images, labels)``, both gathered with the same indices. Without
+  ``scan``: one step (``len(indices) == 1``), outside any loop (see :func:`runs_in_scan`).
+  """
   step = train_step_fn(config)
 
   def steps(state, images, indices):
@@ -109,7 +112,10 @@ def train_steps_fn(config: ml_collections.ConfigDict, batch_sharding: jax.shardi
       batch = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(
           jnp.take(a, idx, axis=0), batch_sharding), images)
       return step(state, batch)
-    return jax.lax.scan(body, state, indices)
+    if scan:
+      return jax.lax.scan(body, state, indices)
+    state, metrics = body(state, indices[0])
+    return state, jax.tree.map(lambda m: m[None], metrics)
   return steps
 
 
@@ -192,17 +198,31 @@ def compile_train_steps(config: ml_collections.ConfigDict, mesh: Mesh, state: An
   ``images`` is ``(images, labels)``, the labels int32 ``[N]``."""
   replicated = NamedSharding(mesh, P())
   indices = jax.ShapeDtypeStruct((num_steps, config.batch_size), jnp.int32, sharding=replicated)
+  scan = runs_in_scan(mesh.devices.flat[0].platform)
+  if not scan and num_steps != 1:
+    raise ValueError(f"a {mesh.devices.flat[0].platform} runs one step a call, not {num_steps}")
   return _compile_keeping_layouts(
-      train_steps_fn(config, NamedSharding(mesh, P("data"))), state, (images, indices),
-      (replicated, replicated), mesh, formats)
+      train_steps_fn(config, NamedSharding(mesh, P("data")), scan), state,
+      (images, indices), (replicated, replicated), mesh, formats)
 
 
 def make_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("data",))
 
 
+def runs_in_scan(platform: str) -> bool:
+  """Whether the loop's calls run their steps in a ``lax.scan`` on ``platform``: everywhere
+  but on a CPU. XLA's CPU backend runs the train step inside a while loop several times
+  slower than outside one, and rounds it differently, so a CPU runs one plain step a call
+  (whatever ``steps_per_call``), where a step's own time dwarfs the call's overhead."""
+  return platform != "cpu"
+
+
 def steps_per_call(config: ml_collections.ConfigDict, platform: str) -> int:
-  """``config.steps_per_call``, or the platform's default when it is 0."""
+  """``config.steps_per_call``, or the platform's default when it is 0; 1 where the loop
+  does not run in a scan."""
+  if not runs_in_scan(platform):
+    return 1
   k = config.get("steps_per_call", 0)
   return k if k > 0 else DEFAULT_STEPS_PER_CALL.get(platform, 1)
 

@@ -283,9 +283,10 @@ def test_killed_at_random_moments_a_run_resumes_bit_identically(reference, tmp_p
 
 def test_a_run_of_several_steps_per_call_killed_and_resumed_is_bit_identical(reference,
                                                                              tmp_path):
-  """Four steps a call, a checkpoint every four: SIGKILLed once step 4's checkpoint is
-  committed (while the next call runs), the run resumes to step 8, and both checkpoints
-  hold the uninterrupted one-step-a-call run's state, bit for bit."""
+  """steps_per_call 4 (on a GPU four steps a call; a CPU runs one plain step a call
+  whatever it is set to), a checkpoint every four: SIGKILLed once step 4's checkpoint is
+  committed, the run resumes to step 8, and both checkpoints hold the uninterrupted run's
+  state, bit for bit."""
   workdir = tmp_path / "run"
   argv = _cli(workdir, {"steps_per_call": 4, "log_every_steps": 4,
                         "checkpoint_every_steps": 4})

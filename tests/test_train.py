@@ -403,10 +403,12 @@ def test_tiny_config_loss_falls(tmp_path):
 
 
 def test_k_steps_per_call_train_the_numbers_of_one_step_calls(tmp_path, capsys, monkeypatch):
-  """A call of k steps is a lax.scan of the one-step program: the state, every metrics line
-  and the epoch lines are those of single-step calls, bit for bit, with calls cut short at
-  each line, checkpoint and the run's end (here of 2, 1, 1, 2, 1 steps for k = 3). 24
-  images make epochs of 3 steps, which end inside calls."""
+  """A call of k steps is a lax.scan of the one-step program (as on a GPU; a CPU runs one
+  plain step a call, and is made to scan here): the state, every metrics line and the
+  epoch lines are those of single-step calls, bit for bit, with calls cut short at each
+  line, checkpoint and the run's end (here of 2, 1, 1, 2, 1 steps for k = 3). 24 images
+  make epochs of 3 steps, which end inside calls."""
+  monkeypatch.setattr(train, "runs_in_scan", lambda platform: True)
   load = data.load_dataset
   monkeypatch.setattr(data, "load_dataset", lambda *a, **k: tuple(x[:24] for x in load(*a, **k)))
   config = functools.partial(micro_config, num_train_steps=7, log_every_steps=2,
