@@ -24,7 +24,8 @@ LR_SCHEDULES = ("constant", "cosine")
 # Keys added after runs were first saved, and the value a saved config without them means
 # (the original's): a run saved before them resumes, samples and converts as it did.
 STORED_DEFAULTS = {"schedule.kind": "linear", "objective": "eps", "loss_weighting": "none",
-                   "min_snr_gamma": 5.0, "ema_warmup": False}
+                   "min_snr_gamma": 5.0, "ema_warmup": False, "model.num_classes": 0,
+                   "label_dropout": 0.1}
 
 
 def _require(condition: bool, message: str) -> None:
@@ -101,6 +102,18 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   _require(not isinstance(gamma, bool) and isinstance(gamma, (int, float))
            and math.isfinite(gamma) and gamma > 0,
            f"min_snr_gamma must be a finite number > 0, got {gamma}")
+  num_classes = m.get("num_classes", 0)
+  _require(isinstance(num_classes, int) and not isinstance(num_classes, bool)
+           and num_classes >= 0,
+           f"model.num_classes must be a whole number >= 0 (0 = unconditional), got "
+           f"{num_classes!r}")
+  label_dropout = config.get("label_dropout", 0.1)
+  _require(not isinstance(label_dropout, bool) and isinstance(label_dropout, (int, float))
+           and 0.0 <= label_dropout < 1.0,
+           f"label_dropout must be in [0, 1), got {label_dropout!r}")
+  _require(num_classes == 0 or not config.get("init_torch_checkpoint", ""),
+           f"init_torch_checkpoint starts an unconditional run: the original's UNET has no "
+           f"class input; set --config.model.num_classes=0 (got {num_classes})")
   ema_warmup = config.get("ema_warmup", False)
   _require(isinstance(ema_warmup, bool),
            f"ema_warmup must be True or False, got {ema_warmup!r}")
@@ -185,8 +198,9 @@ def check_resume_compatible(saved: ml_collections.ConfigDict,
   data shape differs.
 
   The optimizer's settings (clipping, warm-up, rate schedule), ``model.dtype``,
-  ``model.dropout_rate``, ``loss_weighting``, ``min_snr_gamma`` and ``ema_warmup`` may
-  change: the checkpoint's arrays fit the new config and mean the same. A key of
+  ``model.dropout_rate``, ``loss_weighting``, ``min_snr_gamma``, ``ema_warmup`` and
+  ``label_dropout`` may change: the checkpoint's arrays fit the new config and mean the
+  same (``model.num_classes`` may not: it adds the class embedding). A key of
   :data:`STORED_DEFAULTS` missing from either config has its default.
   """
   old = {**STORED_DEFAULTS, **flatten_config(saved.to_dict())}

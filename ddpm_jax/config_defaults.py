@@ -29,6 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.out_channels = 1
   config.model.time_steps = 1000
   config.model.dtype = "float32"  # compute dtype; params stay float32
+  # 0: unconditional (the original). N > 0: a class-conditional UNet for labels 0..N-1 (a
+  # learned class embedding added to the time embedding), trained for classifier-free
+  # guidance and sampled with `ddpm_jax.sample --labels/--digit --guidance_scale`.
+  config.model.num_classes = 0
 
   config.schedule = ml_collections.ConfigDict()
   # 'linear' (the original's: betas from beta_start to beta_end), 'cosine' (Nichol &
@@ -47,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
   # min(snr, min_snr_gamma), snr = a / (1 - a). Only the training changes.
   config.loss_weighting = "none"
   config.min_snr_gamma = 5.0
+  # With model.num_classes > 0: the fraction of training labels replaced by "no class", so
+  # that one network learns the conditional and the unconditional model that classifier-free
+  # guidance mixes. Unused by an unconditional run.
+  config.label_dropout = 0.1
 
   config.batch_size = 64
   config.num_epochs = 75
@@ -85,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Steps per call of the compiled training loop (a lax.scan over k steps): Python's
   # dispatch and the host's kernel launches are paid once per k. 0 = the platform's
-  # default (train.DEFAULT_STEPS_PER_CALL). Every k trains the same numbers.
+  # default (train.DEFAULT_STEPS_PER_CALL); a CPU runs one step a call (train.runs_in_scan).
+  # Every k trains the same numbers.
   config.steps_per_call = 0
   return config

@@ -6,6 +6,11 @@ parameter path one to one (``ddpm_jax.convert``). One deliberate difference: the
 applies attention dropout even in eval mode; here dropout runs only with ``train=True``,
 so sampling is deterministic.
 
+With ``num_classes > 0`` the UNet is class-conditional (classifier-free guidance, Ho &
+Salimans 2022): a learned class embedding is added to the time embedding row that every
+ResBlock receives, and one extra row stands for "no class". With ``num_classes = 0``, the
+default, it is the original, parameter for parameter.
+
 Parameters start as PyTorch's do (``Conv2d``, ``ConvTranspose2d`` and ``Linear`` defaults):
 weights uniform in +-1/sqrt(fan_in) (``kaiming_uniform_(a=sqrt(5))``), biases likewise, with
 PyTorch's fan_in; GroupNorm scales 1 and offsets 0. Flax's own defaults (lecun_normal, zero
@@ -25,6 +30,9 @@ import numpy as np
 
 from ddpm_jax.errors import UserError
 
+# A label meaning "no class" (the unconditional model of classifier-free guidance); the
+# UNet reads it, and labels >= 0 are classes. It selects the embedding row ``num_classes``.
+NO_CLASS = -1
 # PyTorch's GroupNorm default.
 GROUP_NORM_EPS = 1e-5
 # PyTorch's default weight init, kaiming_uniform_(a=sqrt(5)): uniform in +-1/sqrt(fan_in),
@@ -108,8 +116,8 @@ class Attention(nn.Module):
     heads = self.num_heads
     qkv = _dense(c, 3 * c, self.dtype, "proj1")(x.reshape(b, h * w, c))
     # [b, L, head_dim, heads, qkv] -> three [b, heads, L, head_dim]. Heads first, one code
-    # path for training and sampling: on 2 CPU cores its forward + backward took 13 ms
-    # against 32 for jax.nn.dot_product_attention (XLA's; batch 16, 2 heads of 8).
+    # path for training and sampling: on a CPU it runs faster than
+    # jax.nn.dot_product_attention (XLA's implementation; BENCHMARKS.md).
     q, k, v = jnp.transpose(qkv.reshape(b, h * w, c // heads, heads, 3), (4, 0, 3, 1, 2))
     scale = jnp.asarray(1.0 / math.sqrt(c // heads), q.dtype)
     # Logits and softmax in float32 whatever the compute dtype, as dot_product_attention.
@@ -152,8 +160,8 @@ class UpConv(nn.Module):
   The parameters are those of ``nn.ConvTranspose(features, (4, 4), strides=(2, 2),
   padding=((2, 2), (2, 2)), transpose_kernel=True)`` — ``kernel`` ``(4, 4, features, C)`` is
   the torch weight ``(C, features, 4, 4)`` transposed — and so is the result. But XLA's CPU
-  backend runs that input-dilated convolution ~3.5x slower than a plain one (forward and
-  gradient, measured), so each of the four output phases (row and column parity) is read
+  backend runs that input-dilated convolution several times slower than a plain one
+  (forward and gradient; BENCHMARKS.md), so each of the four output phases (row and column parity) is read
   off one 3x3 convolution with ``4 * features`` outputs, then interleaved
   (depth-to-space).
   """
@@ -201,6 +209,19 @@ class UNet(nn.Module):
   """The original UNET. ``x``: float ``[B, H, W, C]``, ``t``: int ``[B]`` -> ``[B, H, W, out]``.
 
   ``dtype`` is the compute dtype; parameters stay float32 and the output is float32.
+
+  ``num_classes > 0`` adds ``class_embed``, an ``nn.Embed(num_classes + 1, max(channels))``
+  whose row for ``labels`` (int ``[B]``) is added to the sinusoidal time embedding before
+  each layer slices its ``[:C]``, so the original's wiring is unchanged. Row ``num_classes``
+  is "no class": ``labels`` None, or a label of :data:`NO_CLASS` (or ``num_classes``),
+  selects it; that is the model classifier-free guidance calls unconditional. The rows
+  start at zero: a fresh conditional UNet is then the same function as the unconditional
+  one with the same other parameters (which do not depend on ``num_classes``: Flax draws
+  each module's init from its own name), so conditioning starts from the original's
+  model, not from a random shift of every time embedding; and since the row is added, not
+  multiplied, its gradient is non-zero from the first step and differs by class, which
+  breaks the rows' symmetry. With ``num_classes = 0`` there is no embedding and ``labels``
+  is ignored.
   """
   channels: Sequence[int] = (64, 128, 256, 512, 512, 384)
   attentions: Sequence[bool] = (False, True, False, False, False, True)
@@ -211,12 +232,20 @@ class UNet(nn.Module):
   out_channels: int = 1
   time_steps: int = 1000
   dtype: Any = jnp.float32
+  num_classes: int = 0
 
   @nn.compact
-  def __call__(self, x, t, train: bool = False):
+  def __call__(self, x, t, labels=None, train: bool = False):
     num_layers = len(self.channels)
     table = jnp.asarray(sinusoidal_embeddings(self.time_steps, max(self.channels)))
     emb = table[t]
+    if self.num_classes > 0:
+      if labels is None:
+        labels = jnp.full(jnp.shape(t), self.num_classes, jnp.int32)
+      else:
+        labels = jnp.where(labels < 0, self.num_classes, labels)
+      emb = emb + nn.Embed(self.num_classes + 1, table.shape[1],
+                           embedding_init=nn.initializers.zeros, name="class_embed")(labels)
     x = _conv(x.shape[-1], self.channels[0], 3, self.dtype, "shallow_conv")(x.astype(self.dtype))
     residuals = []
     for i in range(num_layers):
