@@ -20,6 +20,16 @@ and turns the model's output into the ``(x0, eps)`` its update needs with
 :func:`ddpm_jax.diffusion.model_output_to_x0_eps`; with ``'eps'`` the output is used as it
 was, so the original's sampler stays bit for bit.
 
+A class-conditional model (``UNet(num_classes > 0)``) samples the classes ``labels`` (int
+``[B]``) with classifier-free guidance (Ho & Salimans 2022): each update reads
+``out_uncond + w (out_cond - out_uncond)``, ``w = guidance_scale``, from one forward pass of
+the batch concatenated with its :data:`~ddpm_jax.model.NO_CLASS` copy (:func:`guided_output`).
+The combination is taken on the model's output whatever its ``objective``: the conversion
+to eps (or x0) is affine in the output with coefficients of ``(z, t)`` alone, the same for
+both halves, so it is the same combination of the eps estimates. ``w = 1`` is the plain
+conditional model and ``w = 0`` the unconditional one, each one forward of the batch and
+exactly so; without ``labels`` nothing changes.
+
 Nothing is clipped: images are in the data range of the training run, [0, 1] for the
 original (``config.data.range == 'zero_one'``) or [-1, 1]; only ``ddpm_jax.images`` maps
 them to pixels. Batches whose size the local device count divides are sharded over the
@@ -38,6 +48,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddpm_jax import diffusion
+from ddpm_jax.model import NO_CLASS
 from ddpm_jax.schedule import Schedule
 
 ApplyFn = Callable[..., jax.Array]
@@ -100,26 +111,57 @@ def _frame_slots(steps: np.ndarray, snapshot_times: Sequence[int],
   return np.abs(steps[None, :].astype(np.int64) - times[:, None]).argmin(axis=1).astype(np.int32)
 
 
-def model_output(apply_fn: ApplyFn, params: Any, z: jax.Array, t: jax.Array) -> jax.Array:
-  """The model's output at the scalar step ``t``, in eval mode, as float32."""
+def model_output(apply_fn: ApplyFn, params: Any, z: jax.Array, t: jax.Array,
+                 labels: jax.Array | None = None) -> jax.Array:
+  """The model's output at the scalar step ``t``, in eval mode, as float32; ``labels``
+  (int ``[B]``) go to a class-conditional model."""
   t_batch = jnp.full((z.shape[0],), t, jnp.int32)
-  return apply_fn({"params": params}, z, t_batch, train=False).astype(jnp.float32)
+  extra = {} if labels is None else {"labels": labels}
+  return apply_fn({"params": params}, z, t_batch, train=False, **extra).astype(jnp.float32)
+
+
+def guided_output(apply_fn: ApplyFn, params: Any, z: jax.Array, t: jax.Array,
+                  labels: jax.Array | None = None, guidance_scale: float = 1.0) -> jax.Array:
+  """Classifier-free guidance: ``out_uncond + w (out_cond - out_uncond)`` at the scalar
+  step ``t``, ``w = guidance_scale`` (a Python number).
+
+  Both outputs come from one forward pass of ``2B`` examples, ``z`` with ``labels`` and
+  ``z`` with :data:`~ddpm_jax.model.NO_CLASS`. ``w = 1`` is the conditional output and
+  ``w = 0`` the unconditional one, each from one forward pass of ``B``, exactly (the
+  formula's float rounding would not give them bit for bit). ``labels`` None: the model's
+  plain output.
+  """
+  if labels is None:
+    return model_output(apply_fn, params, z, t)
+  if guidance_scale == 1:
+    return model_output(apply_fn, params, z, t, labels)
+  no_class = jnp.full_like(labels, NO_CLASS)
+  if guidance_scale == 0:
+    return model_output(apply_fn, params, z, t, no_class)
+  both = model_output(apply_fn, params, jnp.concatenate([z, z]), t,
+                      jnp.concatenate([labels, no_class]))
+  cond, uncond = jnp.split(both, 2)
+  return uncond + jnp.float32(guidance_scale) * (cond - uncond)
 
 
 def predict_x0_eps(apply_fn: ApplyFn, params: Any, schedule: Schedule, z: jax.Array,
-                   t: jax.Array, objective: str = "eps") -> tuple[jax.Array, jax.Array]:
-  """The model's ``(x0, eps)`` estimates at the scalar step ``t``, whatever it predicts."""
-  return diffusion.model_output_to_x0_eps(schedule, z, t, model_output(apply_fn, params, z, t),
-                                          objective)
+                   t: jax.Array, objective: str = "eps", *, labels: jax.Array | None = None,
+                   guidance_scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """The model's ``(x0, eps)`` estimates at the scalar step ``t``, whatever it predicts;
+  with ``labels``, those of :func:`guided_output`."""
+  out = guided_output(apply_fn, params, z, t, labels, guidance_scale)
+  return diffusion.model_output_to_x0_eps(schedule, z, t, out, objective)
 
 
 def predict_eps(apply_fn: ApplyFn, params: Any, z: jax.Array, t: jax.Array,
-                schedule: Schedule | None = None, objective: str = "eps") -> jax.Array:
-  """The model's noise estimate at the scalar step ``t``, in eval mode, as float32.
+                schedule: Schedule | None = None, objective: str = "eps", *,
+                labels: jax.Array | None = None, guidance_scale: float = 1.0) -> jax.Array:
+  """The model's noise estimate at the scalar step ``t``, in eval mode, as float32; with
+  ``labels``, that of :func:`guided_output`.
 
   A model of another ``objective`` than ``'eps'`` needs the ``schedule`` to convert.
   """
-  out = model_output(apply_fn, params, z, t)
+  out = guided_output(apply_fn, params, z, t, labels, guidance_scale)
   if objective == "eps":
     return out
   if schedule is None:
@@ -133,9 +175,10 @@ def _initial_carry(z_T: jax.Array, num_frames: int, state: Any = ()) -> Carry:
 
 
 def _reverse_scan(apply_fn: ApplyFn, params: Any, carry: Carry, xs: tuple[jax.Array, jax.Array],
-                  slots: np.ndarray, step_fn: StepFn, noise_fn: NoiseFn) -> Carry:
+                  slots: np.ndarray, step_fn: StepFn, noise_fn: NoiseFn,
+                  labels: jax.Array | None = None, guidance_scale: float = 1.0) -> Carry:
   """Runs ``step_fn`` over the updates ``xs = (i, t)`` in one scan from
-  ``carry = (z, frames, state)``.
+  ``carry = (z, frames, state)``; with ``labels``, on :func:`guided_output`.
 
   Frame ``f`` is the frame ``step_fn`` returns at the update ``slots[f]``, written into the
   carried buffer with a select, so one update may fill several frames.
@@ -145,7 +188,7 @@ def _reverse_scan(apply_fn: ApplyFn, params: Any, carry: Carry, xs: tuple[jax.Ar
   def body(carry, xs):
     z, frames, state = carry
     i, t = xs
-    out = model_output(apply_fn, params, z, t)
+    out = guided_output(apply_fn, params, z, t, labels, guidance_scale)
     z, frame, state = step_fn(i, t, z, out, noise_fn(i, t), state)
     hit = (slots == i)[:, None, None, None, None]
     return (z, jnp.where(hit, frame[None], frames), state), None
@@ -313,6 +356,18 @@ def _check_objective(objective: str) -> None:
                      f"got {objective!r}")
 
 
+def _check_labels(labels: Any, batch: int, guidance_scale: float) -> jax.Array | None:
+  """``labels`` as int32 ``[batch]`` (or None); ``guidance_scale`` a finite number."""
+  if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale):
+    raise ValueError(f"guidance_scale must be a finite Python number, got {guidance_scale!r}")
+  if labels is None:
+    return None
+  labels = jnp.asarray(labels, jnp.int32)
+  if labels.shape != (batch,):
+    raise ValueError(f"labels must have shape [{batch}] (one per image), got {labels.shape}")
+  return labels
+
+
 def _plan(schedule: Schedule, sampler: str, num_steps: int, eta: jax.Array,
           snapshot_times: Sequence[int], clip_x0: tuple[float, float] | None,
           objective: str = "eps", timesteps: tuple[int, ...] | None = None
@@ -345,77 +400,92 @@ def _run(apply_fn: ApplyFn, params: Any, schedule: Schedule, carry: Carry, noise
          sampler: str, num_steps: int, eta: jax.Array, snapshot_times: Sequence[int],
          clip_x0: tuple[float, float] | None, start: int | jax.Array = 0,
          length: int | None = None, objective: str = "eps",
-         timesteps: tuple[int, ...] | None = None) -> Carry:
+         timesteps: tuple[int, ...] | None = None, labels: jax.Array | None = None,
+         guidance_scale: float = 1.0) -> Carry:
   """The sampler's updates ``start .. start + length - 1`` (all of them by default)."""
   steps, slots, step_fn = _plan(schedule, sampler, num_steps, eta, snapshot_times, clip_x0,
                                 objective, timesteps)
   i = start + jnp.arange(len(steps) if length is None else length, dtype=jnp.int32)
   return _reverse_scan(apply_fn, params, carry, (i, jnp.asarray(steps)[i]), slots, step_fn,
-                       noise_fn)
+                       noise_fn, labels, guidance_scale)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "snapshot_times", "objective"))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "snapshot_times", "objective",
+                                             "guidance_scale"))
 def ddpm_sample_from(apply_fn: ApplyFn, params: Any, schedule: Schedule, z_T: jax.Array,
                      noise: jax.Array, snapshot_times: Sequence[int] = REVERSE_TIMES, *,
-                     objective: str = "eps") -> tuple[jax.Array, jax.Array]:
+                     objective: str = "eps", labels: jax.Array | None = None,
+                     guidance_scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
   """The original's sampler from a given ``z_T`` with given noise: ``(x_0, frames)``.
 
   ``noise[t]`` (``[T, B, H, W, C]``) is added after the update at step t (``noise[0]`` is
   unused), as in ``reference_torch.sample``. ``frames`` is ``[F, B, H, W, C]``: z after the
-  mean update at each snapshot time in :func:`frame_times` order.
+  mean update at each snapshot time in :func:`frame_times` order. ``labels`` (int ``[B]``)
+  and ``guidance_scale``: a class-conditional model's classes and guidance
+  (:func:`guided_output`).
   """
+  labels = _check_labels(labels, z_T.shape[0], guidance_scale)
   carry = _initial_carry(z_T, len(frame_times(snapshot_times)))
   z, frames, _ = _run(apply_fn, params, schedule, carry, lambda i, t: noise[t], "ddpm",
                       schedule.num_steps, jnp.float32(0), snapshot_times, None,
-                      objective=objective)
+                      objective=objective, labels=labels, guidance_scale=guidance_scale)
   return z, frames
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "num_steps", "snapshot_times",
-                                             "clip_x0", "objective"))
+                                             "clip_x0", "objective", "guidance_scale"))
 def ddim_sample_from(apply_fn: ApplyFn, params: Any, schedule: Schedule, z_T: jax.Array,
                      noise: jax.Array, num_steps: int, eta: float = 0.0,
                      snapshot_times: Sequence[int] = REVERSE_TIMES,
-                     clip_x0: tuple[float, float] | None = None, *, objective: str = "eps"
+                     clip_x0: tuple[float, float] | None = None, *, objective: str = "eps",
+                     labels: jax.Array | None = None, guidance_scale: float = 1.0
                      ) -> tuple[jax.Array, jax.Array]:
   """DDIM from a given ``z_T``; ``noise[i]`` (``[K, B, H, W, C]``) follows the i-th update.
 
   ``frames[f]`` is z before the noise after the update at the subsequence step nearest
-  frame time f (two frame times may share a step when K is small).
+  frame time f (two frame times may share a step when K is small). ``labels`` and
+  ``guidance_scale`` as in :func:`ddpm_sample_from`.
   """
+  labels = _check_labels(labels, z_T.shape[0], guidance_scale)
   carry = _initial_carry(z_T, len(frame_times(snapshot_times)))
   z, frames, _ = _run(apply_fn, params, schedule, carry, lambda i, t: noise[i], "ddim",
-                      num_steps, eta, snapshot_times, clip_x0, objective=objective)
+                      num_steps, eta, snapshot_times, clip_x0, objective=objective,
+                      labels=labels, guidance_scale=guidance_scale)
   return z, frames
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "timesteps", "snapshot_times",
-                                             "clip_x0", "objective"))
+                                             "clip_x0", "objective", "guidance_scale"))
 def _dpmpp2m_from(apply_fn, params, schedule, z_T, timesteps, snapshot_times, clip_x0,
-                  objective):
+                  objective, labels, guidance_scale):
   carry = _initial_carry(z_T, len(frame_times(snapshot_times)),
                          _initial_state("dpmpp2m", z_T))
   z, frames, _ = _run(apply_fn, params, schedule, carry, lambda i, t: jnp.zeros_like(z_T),
                       "dpmpp2m", len(timesteps), jnp.float32(0), snapshot_times, clip_x0,
-                      objective=objective, timesteps=timesteps)
+                      objective=objective, timesteps=timesteps, labels=labels,
+                      guidance_scale=guidance_scale)
   return z, frames
 
 
 def dpmpp2m_sample_from(apply_fn: ApplyFn, params: Any, schedule: Schedule, z_T: jax.Array,
                         num_steps: int, *, objective: str = "eps", spacing: str = DEFAULT_SPACING,
                         snapshot_times: Sequence[int] = REVERSE_TIMES,
-                        clip_x0: tuple[float, float] | None = None
+                        clip_x0: tuple[float, float] | None = None,
+                        labels: jax.Array | None = None, guidance_scale: float = 1.0
                         ) -> tuple[jax.Array, jax.Array]:
   """DPM-Solver++(2M) from a given ``z_T``: ``(x_0, frames)``, deterministic.
 
   ``num_steps`` model evaluations at :func:`dpmpp2m_timesteps` (``spacing``), as DDIM's
   ``num_steps``; ``frames[f]`` is z after the update at the step nearest frame time f.
+  ``labels`` and ``guidance_scale`` as in :func:`ddpm_sample_from`.
   """
   _check_spacing(spacing)
+  labels = _check_labels(labels, z_T.shape[0], guidance_scale)
   timesteps = tuple(int(t) for t in dpmpp2m_timesteps(schedule, num_steps, spacing))
   return _dpmpp2m_from(apply_fn, params, schedule, z_T, timesteps,
                        tuple(snapshot_times),
-                       None if clip_x0 is None else tuple(map(float, clip_x0)), objective)
+                       None if clip_x0 is None else tuple(map(float, clip_x0)), objective,
+                       labels, float(guidance_scale))
 
 
 def example_keys(rng: jax.Array, first_index: int, count: int) -> jax.Array:
@@ -438,17 +508,18 @@ def _initial_and_noise(keys: jax.Array, image_shape: tuple[int, ...]
 
 
 _STATIC = ("apply_fn", "image_shape", "sampler", "num_steps", "snapshot_times", "clip_x0",
-           "objective", "timesteps")
+           "objective", "timesteps", "guidance_scale")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _from_keys(apply_fn, params, schedule, keys, eta, image_shape, sampler, num_steps,
-               snapshot_times, clip_x0, objective, timesteps):
+               snapshot_times, clip_x0, objective, timesteps, labels, guidance_scale):
   """A whole batch in one program: ``z_T`` and every update from the examples' keys."""
   z_T, noise_fn = _initial_and_noise(keys, image_shape)
   carry = _initial_carry(z_T, len(snapshot_times), _initial_state(sampler, z_T))
   return _run(apply_fn, params, schedule, carry, noise_fn, sampler, num_steps, eta,
-              snapshot_times, clip_x0, objective=objective, timesteps=timesteps)
+              snapshot_times, clip_x0, objective=objective, timesteps=timesteps,
+              labels=labels, guidance_scale=guidance_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("image_shape", "num_frames", "sampler"))
@@ -459,11 +530,13 @@ def _begin(keys, image_shape, num_frames, sampler):
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("length",))
 def _advance(apply_fn, params, schedule, keys, eta, carry, start, image_shape, sampler,
-             num_steps, snapshot_times, clip_x0, objective, timesteps, length):
+             num_steps, snapshot_times, clip_x0, objective, timesteps, labels, guidance_scale,
+             length):
   """``length`` updates from update ``start``: one chunk of :func:`_from_keys`'s scan."""
   noise_fn = _initial_and_noise(keys, image_shape)[1]
   return _run(apply_fn, params, schedule, carry, noise_fn, sampler, num_steps, eta,
-              snapshot_times, clip_x0, start, length, objective, timesteps)
+              snapshot_times, clip_x0, start, length, objective, timesteps, labels,
+              guidance_scale)
 
 
 def chunk_length(num_updates: int, max_chunks: int = 20) -> int:
@@ -475,19 +548,22 @@ def chunk_length(num_updates: int, max_chunks: int = 20) -> int:
               if num_updates % d == 0)
 
 
-def _place(keys: jax.Array, params: Any) -> tuple[jax.Array, Any]:
-  """Shards the batch (its keys) over the local devices and replicates the params.
+def _place(keys: jax.Array, params: Any, labels: jax.Array | None = None
+           ) -> tuple[jax.Array, Any, jax.Array | None]:
+  """Shards the batch (its keys, and its labels if any) over the local devices and
+  replicates the params.
 
   When the device count does not divide the batch, everything goes to the first device.
   """
   devices = jax.local_devices()
   if len(devices) == 1:
-    return keys, params
+    return keys, params, labels
   if keys.shape[0] % len(devices):
-    return jax.device_put((keys, params), devices[0])
+    return jax.device_put((keys, params, labels), devices[0])
   mesh = Mesh(np.array(devices), ("data",))
-  return (jax.device_put(keys, NamedSharding(mesh, P("data"))),
-          jax.device_put(params, NamedSharding(mesh, P())))
+  batch = NamedSharding(mesh, P("data"))
+  return (jax.device_put(keys, batch), jax.device_put(params, NamedSharding(mesh, P())),
+          None if labels is None else jax.device_put(labels, batch))
 
 
 def _carry_sharding(keys: jax.Array, carry: Carry) -> Any:
@@ -505,17 +581,21 @@ def _sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, rng: jax.Array,
             shape: Sequence[int], sampler: str, num_steps: int, eta: float,
             snapshot_times: Sequence[int], first_index: int,
             clip_x0: tuple[float, float] | None, progress: Callable[[int], Any] | None,
-            objective: str = "eps", timesteps: tuple[int, ...] | None = None
+            objective: str = "eps", timesteps: tuple[int, ...] | None = None,
+            labels: jax.Array | None = None, guidance_scale: float = 1.0
             ) -> tuple[jax.Array, jax.Array]:
   _check_objective(objective)
-  keys, params = _place(example_keys(rng, first_index, shape[0]), params)
+  labels = _check_labels(labels, shape[0], guidance_scale)
+  keys, params, labels = _place(example_keys(rng, first_index, shape[0]), params, labels)
   static = dict(apply_fn=apply_fn, image_shape=tuple(shape[1:]), sampler=sampler,
                 num_steps=num_steps, snapshot_times=frame_times(snapshot_times),
                 clip_x0=None if clip_x0 is None else tuple(map(float, clip_x0)),
-                objective=objective, timesteps=timesteps)
+                objective=objective, timesteps=timesteps,
+                guidance_scale=float(guidance_scale))
   eta = jnp.float32(eta)
   if progress is None:
-    z, frames, _ = _from_keys(params=params, schedule=schedule, keys=keys, eta=eta, **static)
+    z, frames, _ = _from_keys(params=params, schedule=schedule, keys=keys, eta=eta,
+                              labels=labels, **static)
     return z, frames
   length = chunk_length(num_steps)
   carry = _begin(keys, static["image_shape"], len(static["snapshot_times"]), sampler)
@@ -523,7 +603,7 @@ def _sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, rng: jax.Array,
   for start in range(0, num_steps, length):
     carry = jax.block_until_ready(_advance(params=params, schedule=schedule, keys=keys,
                                            eta=eta, carry=carry, start=jnp.int32(start),
-                                           length=length, **static))
+                                           labels=labels, length=length, **static))
     progress(length)
   return carry[0], carry[1]
 
@@ -531,7 +611,8 @@ def _sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, rng: jax.Array,
 def ddpm_sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, rng: jax.Array,
                 shape: Sequence[int], snapshot_times: Sequence[int] = REVERSE_TIMES,
                 first_index: int = 0, progress: Callable[[int], Any] | None = None, *,
-                objective: str = "eps") -> tuple[jax.Array, jax.Array]:
+                objective: str = "eps", labels: jax.Array | None = None,
+                guidance_scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
   """The original's ancestral sampler for a batch ``shape = (B, H, W, C)``: ``(x_0, frames)``.
 
   Examples are numbered from ``first_index`` (see the module docstring for the keys).
@@ -541,36 +622,45 @@ def ddpm_sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, rng: jax.Arr
   ``progress``, when given, is called with the number of updates just done after each of up
   to 20 equal chunks of the scan (:func:`chunk_length`), each a jitted call waited for; the
   results are the same as in one call. Without it the batch is one jitted call.
-  ``objective`` is what the model predicts (``'eps'``, ``'x0'`` or ``'v'``).
+  ``objective`` is what the model predicts (``'eps'``, ``'x0'`` or ``'v'``). ``labels``
+  (int ``[B]``) are a class-conditional model's classes, sampled with classifier-free
+  guidance of scale ``guidance_scale`` (:func:`guided_output`; 1 is the plain conditional
+  model). They do not change the noise: image ``i`` starts from the same ``z_T`` whatever
+  its label.
   """
   return _sample(apply_fn, params, schedule, rng, shape, "ddpm", schedule.num_steps, 0.0,
-                 snapshot_times, first_index, None, progress, objective)
+                 snapshot_times, first_index, None, progress, objective, labels=labels,
+                 guidance_scale=guidance_scale)
 
 
 def ddim_sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, rng: jax.Array,
                 shape: Sequence[int], num_steps: int, eta: float = 0.0,
                 snapshot_times: Sequence[int] = REVERSE_TIMES,
                 first_index: int = 0, clip_x0: tuple[float, float] | None = None,
-                progress: Callable[[int], Any] | None = None, *, objective: str = "eps"
+                progress: Callable[[int], Any] | None = None, *, objective: str = "eps",
+                labels: jax.Array | None = None, guidance_scale: float = 1.0
                 ) -> tuple[jax.Array, jax.Array]:
   """DDIM over :func:`ddim_timesteps` for a batch ``shape``: ``(x_0, frames)``.
 
   ``eta = 0`` is deterministic given ``z_T``; ``eta = 1`` adds DDPM's posterior-variance
   noise. Each frame is taken at the subsequence step nearest its snapshot time.
   ``clip_x0 = (lo, hi)`` clips each predicted x0 to the data range (off by default).
-  ``progress`` and ``objective`` are as in :func:`ddpm_sample`.
+  ``progress``, ``objective``, ``labels`` and ``guidance_scale`` are as in
+  :func:`ddpm_sample`.
   """
   _check_eta(eta)
   ddim_timesteps(schedule.num_steps, num_steps)
   return _sample(apply_fn, params, schedule, rng, shape, "ddim", num_steps, eta,
-                 snapshot_times, first_index, clip_x0, progress, objective)
+                 snapshot_times, first_index, clip_x0, progress, objective, labels=labels,
+                 guidance_scale=guidance_scale)
 
 
 def dpmpp2m_sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, rng: jax.Array,
                    shape: Sequence[int], num_steps: int, *, objective: str = "eps",
                    spacing: str = DEFAULT_SPACING, snapshot_times: Sequence[int] = REVERSE_TIMES,
                    first_index: int = 0, clip_x0: tuple[float, float] | None = None,
-                   progress: Callable[[int], Any] | None = None
+                   progress: Callable[[int], Any] | None = None,
+                   labels: jax.Array | None = None, guidance_scale: float = 1.0
                    ) -> tuple[jax.Array, jax.Array]:
   """DPM-Solver++(2M) (Lu et al. 2022) for a batch ``shape``: ``(x_0, frames)``.
 
@@ -579,9 +669,11 @@ def dpmpp2m_sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, rng: jax.
   evenly in t, or ``'logsnr'``, evenly in log-SNR); its first and last updates are first
   order, and the last lands on the data prediction at t = 0. Deterministic given ``z_T``
   (the same ``z_T`` as the other samplers for the same ``rng`` and index). Frames,
-  ``clip_x0``, ``progress`` and ``objective`` are as in :func:`ddim_sample`.
+  ``clip_x0``, ``progress``, ``objective``, ``labels`` and ``guidance_scale`` are as in
+  :func:`ddim_sample`.
   """
   _check_spacing(spacing)
   timesteps = tuple(int(t) for t in dpmpp2m_timesteps(schedule, num_steps, spacing))
   return _sample(apply_fn, params, schedule, rng, shape, "dpmpp2m", num_steps, 0.0,
-                 snapshot_times, first_index, clip_x0, progress, objective, timesteps)
+                 snapshot_times, first_index, clip_x0, progress, objective, timesteps,
+                 labels=labels, guidance_scale=guidance_scale)
