@@ -326,7 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   files.check_outputs([args.out], args.overwrite)
   torch = _import_torch("writing a PyTorch checkpoint")
+  if os.path.isdir(args.workdir):  # Refused before the checkpoint is read.
+    _refuse_conditional(checkpoint.read_config(args.workdir), args.workdir)
   config, step, state = checkpoint.load_run_state(args.workdir, step=args.step)
+  _refuse_conditional(config, args.workdir)
   ckpt = to_torch_checkpoint(state.params, state.ema_params, state.opt_state,
                              config.learning_rate)
   files.write_atomic(args.out, lambda f: torch.save(ckpt, f))
@@ -347,6 +350,15 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"({'; '.join(differences)}), so its samples of this file come out wrong; "
           f"{reader} samples it right", flush=True)
   return 0
+
+
+def _refuse_conditional(config, workdir: str) -> None:
+  """A class-conditional run has a class embedding the original's UNET has no input for."""
+  num_classes = config.model.get("num_classes", 0)
+  if num_classes > 0:
+    raise UserError(f"{workdir} is a class-conditional run (model.num_classes = {num_classes}); "
+                    "the original's UNET has no class input, so it cannot be converted "
+                    "(python -m ddpm_jax.sample --workdir samples it)")
 
 
 def _range_difference(config) -> str:

@@ -13,6 +13,10 @@ The measures, for images ``[N, 32, 32, 1]`` in [0, 1] (MNIST zero-padded to 32x3
 - ``class_histogram`` and ``class_kl``: the fraction of images predicted as each digit,
   and its KL divergence to the uniform distribution (0 when balanced, log 10 for one
   class).
+- ``label_accuracy``, when the npz holds the ``labels`` a class-conditional sampler was
+  asked for (``sample --labels/--digit``): the fraction of images the classifier
+  predicts as their requested label. The classifier's own accuracy on real digits is its
+  ceiling, and 0.1 is chance.
 
 Command line::
 
@@ -173,14 +177,21 @@ def class_kl(histogram: Sequence[float]) -> float:
   return float(np.sum(nonzero * np.log(nonzero * len(h))))
 
 
+def label_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+  """The fraction of images whose predicted class (``probs [N, 10]``) is their ``labels [N]``."""
+  return float(np.mean(probs.argmax(axis=1) == np.asarray(labels)))
+
+
 def measures_from_outputs(
-    features: np.ndarray, probs: np.ndarray, reference_mu: np.ndarray, reference_sigma: np.ndarray
+    features: np.ndarray, probs: np.ndarray, reference_mu: np.ndarray, reference_sigma: np.ndarray,
+    labels: np.ndarray | None = None,
 ) -> dict[str, Any]:
-  """The quality measures from classifier outputs and the reference feature Gaussian."""
+  """The quality measures from classifier outputs and the reference feature Gaussian; with
+  the images' requested ``labels`` also ``label_accuracy``."""
   mu, sigma = feature_stats(features)
   confidence = probs.max(axis=1)
   histogram = np.bincount(probs.argmax(axis=1), minlength=NUM_CLASSES) / len(probs)
-  return {
+  measures = {
       "frechet_distance": frechet_distance(mu, sigma, reference_mu, reference_sigma),
       "mean_confidence": float(confidence.mean()),
       "frac_confident": float(np.mean(confidence >= CONFIDENT)),
@@ -188,6 +199,9 @@ def measures_from_outputs(
       "class_kl": class_kl(histogram),
       "num_samples": int(len(probs)),
   }
+  if labels is not None:
+    measures["label_accuracy"] = label_accuracy(probs, labels)
+  return measures
 
 
 def compute_measures(images: np.ndarray, reference_images: np.ndarray) -> dict[str, Any]:
@@ -265,17 +279,41 @@ def load_samples(
   return data.to_unit_range(images, data_range), data_range
 
 
-def measure_against_bundled(samples: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_labels(path: str | pathlib.Path, num_images: int) -> np.ndarray | None:
+  """The ``labels`` entry of a sampler's npz (the classes a conditional sampler was asked
+  for), its first ``num_images``, or None when it has none."""
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      if "labels" not in archive.files:
+        return None
+      labels = archive["labels"]
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    raise UserError(f"cannot read the entries of {path}: {e}") from e
+  if labels.dtype.kind not in "iu" or labels.ndim != 1 or len(labels) < num_images:
+    raise UserError(f"`labels` must hold one whole number per image ([N] = [{num_images}] or "
+                    f"more), got dtype {labels.dtype}, shape {list(labels.shape)}")
+  labels = labels[:num_images].astype(np.int64)
+  if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+    raise UserError(f"`labels` must be in 0..{NUM_CLASSES - 1} (digits), got "
+                    f"{labels.min()}..{labels.max()}")
+  return labels
+
+
+def measure_against_bundled(samples: np.ndarray, labels: np.ndarray | None = None
+                            ) -> tuple[dict[str, Any], dict[str, Any]]:
   """Measures ``samples`` and the held-out real test digits against the training digits.
 
-  Returns ``(sample_measures, test_digit_measures)``; the second is the floor.
+  Returns ``(sample_measures, test_digit_measures)``; the second is the floor. With the
+  samples' requested ``labels`` both have ``label_accuracy`` (the test digits' against
+  their true labels: the classifier's accuracy, the ceiling).
   """
   train_images, _ = data.load_bundled("train")
-  test_images, _ = data.load_bundled("test")
+  test_images, test_labels = data.load_bundled("test")
   train_features, _ = features_and_probs(data.preprocess(train_images))
   stats = feature_stats(train_features)
-  samples_measures = measures_from_outputs(*features_and_probs(samples), *stats)
-  test_measures = measures_from_outputs(*features_and_probs(data.preprocess(test_images)), *stats)
+  samples_measures = measures_from_outputs(*features_and_probs(samples), *stats, labels=labels)
+  test_measures = measures_from_outputs(*features_and_probs(data.preprocess(test_images)), *stats,
+                                        labels=None if labels is None else test_labels)
   return samples_measures, test_measures
 
 
@@ -305,7 +343,8 @@ def _summary(name: str, measures: dict[str, Any]) -> str:
       f"  class_kl         {measures['class_kl']:.4f}"
       f"  (0 = balanced, {np.log(NUM_CLASSES):.4f} = one class)\n"
       f"  class_histogram  {histogram}"
-  )
+  ) + (f"\n  label_accuracy   {measures['label_accuracy']:.4f}  (predicted class = label)"
+       if "label_accuracy" in measures else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -313,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.reference not in REFERENCES:
     raise UserError(f"--reference must be one of {', '.join(REFERENCES)}, got {args.reference!r}")
   samples, data_range = load_samples(args.samples, args.data_range, args.max_samples)
-  measures, floor = measure_against_bundled(samples)
+  labels = load_labels(args.samples, len(samples))
+  measures, floor = measure_against_bundled(samples, labels)
   print(_summary(f"samples {args.samples} (data_range {data_range})", measures))
   print(_summary("real held-out test digits (the floor)", floor))
   print("Fréchet distances are to the bundled training digits; they grow as the number of "

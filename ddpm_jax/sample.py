@@ -4,6 +4,7 @@
       --sampler {ddpm,ddim,dpmpp2m} --num_steps K --seed S --out FILE.png [--npz FILE.npz]
       [--reverse_strip FILE.png] [--use_ema | --no_use_ema] [--eta E] [--spacing S]
       [--batch_size B] [--overwrite] [--num_groups G --num_heads H --data_range R]
+      [--labels L0,L1,... | --digit D] [--guidance_scale W]
 
 Samplers: ``ddpm`` the original's 1000-step ancestral sampler; ``ddim`` DDIM over K steps
 (``--eta`` 0, deterministic, by default); ``dpmpp2m`` DPM-Solver++(2M), deterministic, K
@@ -19,6 +20,13 @@ shapes give the architecture except ``num_groups`` and ``num_heads`` (flags, the
 images and data in [0, 1] (``--data_range minus_one_one`` for a converted run of a [-1, 1]
 config). EMA weights unless ``--no_use_ema``.
 
+Classes: a run trained with ``model.num_classes > 0`` draws chosen classes: ``--digit D``
+gives every image the label D, ``--labels 0,1,...`` gives image ``i`` the label
+``labels[i % len(labels)]``; ``--guidance_scale W`` is classifier-free guidance's
+``out_uncond + W (out_cond - out_uncond)`` (1, the default, the plain conditional model;
+0 the unconditional one; above 1 more typical digits, less varied). Without them such a
+run samples its unconditional ("no class") model.
+
 Sample ``i``'s noise (its starting point and every step's) depends only on ``--seed`` and
 ``i`` (its key is ``fold_in(key(seed), i)``), so the same command gives the same images bit
 for bit. Another ``--batch_size`` (the default is ``min(N, 64)``, so also another N below
@@ -31,7 +39,11 @@ Outputs: ``--out`` a grid PNG, ``--npz`` the raw float32 images ``[N, H, W, C]``
 clipped, not rescaled) with ``seed``, ``data_range``, ``sampler``, ``num_steps`` (and
 ``eta`` for DDIM, ``spacing`` for DPM-Solver++, ``clip_denoised`` for both),
 ``--reverse_strip`` the original's 10-frame reverse-process strip of the first 8 samples,
-one row each. Existing files are kept unless ``--overwrite``.
+one row each. With classes the npz also holds ``labels`` (int32 ``[N]``, image ``i``'s
+requested class, in sample order) and ``guidance_scale``, and the grid shows the images
+sorted by label, each label starting a new row of at most ``ceil(sqrt(N))`` columns (gaps
+grey): ``--labels 0,1,...,9 --num_samples 100`` is a 10x10 grid, row ``d`` the digit d.
+Existing files are kept unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from PIL import Image
 
 from ddpm_jax import checkpoint, diffusion, files, images, sampling
 from ddpm_jax.convert import infer_architecture, load_torch_checkpoint
@@ -59,6 +72,8 @@ DEFAULT_DDIM_STEPS = 50
 DEFAULT_DPMPP2M_STEPS = 20
 DEFAULT_SPACING = sampling.DEFAULT_SPACING
 STRIP_ROWS = 8
+# Classifier-free guidance's default: the plain conditional model.
+DEFAULT_GUIDANCE_SCALE = 1.0
 MAX_SEED = 2**32 - 1  # jax.random.key folds larger seeds onto these.
 
 
@@ -71,6 +86,7 @@ class Sampleable:
   data_range: str
   image_shape: tuple[int, int, int]
   objective: str = "eps"  # What the model predicts: 'eps' (the original's), 'x0' or 'v'.
+  num_classes: int = 0  # > 0: a class-conditional model of labels 0..num_classes - 1.
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -114,6 +130,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="--torch_checkpoint only: the range of the data the model learned "
                       "(default zero_one, the original's; minus_one_one for a converted run "
                       "of such a config)")
+  classes = parser.add_argument_group("classes (a run trained with model.num_classes > 0)")
+  classes.add_argument("--labels", default=None,
+                       help="comma-separated class labels, one per image, cycled: image i "
+                       "gets labels[i % len(labels)], e.g. 0,1,2,3,4,5,6,7,8,9")
+  classes.add_argument("--digit", type=int, default=None, help="one label for every image")
+  classes.add_argument("--guidance_scale", type=float, default=None,
+                       help="classifier-free guidance w: out_uncond + w (out_cond - "
+                       f"out_uncond); default {DEFAULT_GUIDANCE_SCALE:g}, the conditional "
+                       "model; 0 is the unconditional one")
   return parser.parse_args(argv)
 
 
@@ -146,6 +171,69 @@ def _check_args(args: argparse.Namespace) -> None:
     value = getattr(args, flag)
     if value is not None and value <= 0:
       raise UserError(f"--{flag} must be positive, got {value}")
+  if args.labels is not None and args.digit is not None:
+    raise UserError("give at most one of --labels and --digit")
+  wants_classes = args.labels is not None or args.digit is not None
+  if args.guidance_scale is not None:
+    if not wants_classes:
+      raise UserError("--guidance_scale applies only with --labels or --digit")
+    if not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
+      raise UserError(f"--guidance_scale must be a finite number >= 0, got "
+                      f"{args.guidance_scale}")
+  if wants_classes and args.torch_checkpoint is not None:
+    raise UserError("--labels and --digit need a class-conditional run; the original's "
+                    "checkpoint (--torch_checkpoint) has no class input")
+
+
+def requested_labels(args: argparse.Namespace) -> list[int] | None:
+  """The labels ``--labels`` or ``--digit`` ask for (before cycling), or None."""
+  if args.digit is not None:
+    return [args.digit]
+  if args.labels is None:
+    return None
+  try:
+    labels = [int(x) for x in args.labels.split(",")]
+  except ValueError:
+    raise UserError(f"--labels takes comma-separated whole numbers, e.g. --labels 0,1,2; "
+                    f"got {args.labels!r}") from None
+  return labels
+
+
+def check_labels(labels: Sequence[int], num_classes: int, source: str) -> None:
+  """Refuses labels for an unconditional model, or outside ``0..num_classes - 1``."""
+  if num_classes == 0:
+    raise UserError(f"--labels and --digit need a class-conditional run; {source} is "
+                    "unconditional (model.num_classes = 0)")
+  bad = sorted({l for l in labels if not 0 <= l < num_classes})
+  if bad:
+    raise UserError(f"labels must be in 0..{num_classes - 1} (model.num_classes = "
+                    f"{num_classes}), got {', '.join(map(str, bad))}")
+
+
+def cycled_labels(labels: Sequence[int], count: int) -> np.ndarray:
+  """int32 ``[count]``: image ``i``'s label ``labels[i % len(labels)]``."""
+  return np.resize(np.asarray(labels, np.int32), count)
+
+
+def save_label_grid(path, samples: np.ndarray, labels: np.ndarray, data_range: str) -> None:
+  """A grid PNG of ``samples`` sorted by ``labels`` (stable), each label starting a new row
+  of at most ``ceil(sqrt(N))`` columns, the gaps grey; one label: :func:`images.save_grid`.
+
+  So ten labels with ten images each give ten rows of ten, row ``k`` the k-th smallest label.
+  """
+  classes, counts = np.unique(labels, return_counts=True)
+  if len(classes) < 2:
+    images.save_grid(path, samples, data_range)
+    return
+  cols = min(int(counts.max()), math.ceil(math.sqrt(len(samples))))
+  pixels = images.to_uint8(samples, data_range)
+  gap = np.full(pixels.shape[1:], images.PAD_VALUE, np.uint8)
+  tiles = []
+  for c in classes:
+    members = [pixels[i] for i in np.flatnonzero(labels == c)]
+    tiles += members + [gap] * (-len(members) % cols)
+  grid = images.tile(np.stack(tiles), cols)
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path, format="PNG")
 
 
 def _load_workdir(workdir: str, use_ema: bool, step: int | None = None) -> Sampleable:
@@ -170,7 +258,8 @@ def _load_workdir(workdir: str, use_ema: bool, step: int | None = None) -> Sampl
       schedule=build_schedule(**config.schedule),
       data_range=config.data.range,
       image_shape=(size, size, channels),
-      objective=objective)
+      objective=objective,
+      num_classes=config.model.get("num_classes", 0))
 
 
 def _torch_architecture(path: str) -> dict | None:
@@ -266,7 +355,9 @@ def _check_host_memory(num_samples: int, image_shape: tuple[int, ...]) -> None:
 
 def generate(run: Sampleable, sampler: str, num_steps: int, eta: float, seed: int,
              num_samples: int, batch_size: int, strip_rows: int = 0,
-             clip_denoised: bool = False, spacing: str = DEFAULT_SPACING
+             clip_denoised: bool = False, spacing: str = DEFAULT_SPACING,
+             labels: Sequence[int] | None = None,
+             guidance_scale: float = DEFAULT_GUIDANCE_SCALE
              ) -> tuple[np.ndarray, np.ndarray, float]:
   """``(images [N, H, W, C], frames [F, strip_rows, H, W, C], first_batch_seconds)``.
 
@@ -275,6 +366,8 @@ def generate(run: Sampleable, sampler: str, num_steps: int, eta: float, seed: in
   :func:`sampling.chunk_length`); with ``strip_rows = 0`` no frames are collected
   (``F = 0``). ``clip_denoised`` (DDIM, DPM-Solver++) clips each predicted x0 to the data
   range; ``spacing`` is DPM-Solver++'s. The model's output is read as ``run.objective``.
+  ``labels`` (cycled over the images, :func:`cycled_labels`) and ``guidance_scale`` are a
+  class-conditional run's classes and classifier-free guidance.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   rng = jax.random.key(seed)
@@ -286,26 +379,30 @@ def generate(run: Sampleable, sampler: str, num_steps: int, eta: float, seed: in
   first_batch_seconds = 0.0
   start_time = time.perf_counter()
   num_batches = math.ceil(num_samples / batch_size)
+  # The padding images of the last batch carry on the cycle.
+  all_labels = None if labels is None else cycled_labels(labels, num_batches * batch_size)
   with tqdm(total=num_batches * num_steps, unit="step",
             desc=f"{sampler}-{num_steps}, {num_batches} x {batch_size} images") as bar:
     for start in range(0, num_samples, batch_size):
       count = min(batch_size, num_samples - start)
+      classes = dict(guidance_scale=guidance_scale, labels=None if all_labels is None else
+                     all_labels[start:start + batch_size])
       try:
         clip_x0 = DATA_BOUNDS[run.data_range] if clip_denoised else None
         if sampler == "ddpm":
           x, f = sampling.ddpm_sample(apply_fn, run.params, run.schedule, rng, shape, times,
                                       first_index=start, progress=bar.update,
-                                      objective=run.objective)
+                                      objective=run.objective, **classes)
         elif sampler == "ddim":
           x, f = sampling.ddim_sample(apply_fn, run.params, run.schedule, rng, shape,
                                       num_steps, eta, times, first_index=start,
                                       clip_x0=clip_x0, progress=bar.update,
-                                      objective=run.objective)
+                                      objective=run.objective, **classes)
         else:
           x, f = sampling.dpmpp2m_sample(apply_fn, run.params, run.schedule, rng, shape,
                                          num_steps, objective=run.objective, spacing=spacing,
                                          snapshot_times=times, first_index=start,
-                                         clip_x0=clip_x0, progress=bar.update)
+                                         clip_x0=clip_x0, progress=bar.update, **classes)
         out[start:start + count] = np.asarray(x[:count])
         if start < strip_rows:
           frames.append(np.asarray(f[:, :min(count, strip_rows - start)]))
@@ -325,11 +422,17 @@ def generate(run: Sampleable, sampler: str, num_steps: int, eta: float, seed: in
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
   _check_args(args)
+  labels = requested_labels(args)
   outputs = [p for p in (args.out, args.npz, args.reverse_strip) if p is not None]
   files.check_outputs(outputs, args.overwrite)
   if args.workdir is not None:
-    run = _load_workdir(args.workdir, args.use_ema, args.step)
     source = f"workdir {args.workdir}" + ("" if args.step is None else f" at step {args.step}")
+    if labels is not None and os.path.isdir(args.workdir):  # Said before the weights load.
+      check_labels(labels, checkpoint.read_config(args.workdir).model.get("num_classes", 0),
+                   f"workdir {args.workdir}")
+    run = _load_workdir(args.workdir, args.use_ema, args.step)
+    if labels is not None:
+      check_labels(labels, run.num_classes, f"workdir {args.workdir}")
   else:
     run = _load_torch(args.torch_checkpoint, args.use_ema, args.num_groups, args.num_heads,
                       args.data_range)
@@ -339,17 +442,27 @@ def main(argv: Sequence[str] | None = None) -> int:
   spacing = args.spacing or DEFAULT_SPACING
   batch_size = args.batch_size or min(args.num_samples, DEFAULT_BATCH_SIZE)
   strip_rows = min(STRIP_ROWS, args.num_samples) if args.reverse_strip else 0
+  guidance_scale = (DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None
+                    else args.guidance_scale)
   _check_host_memory(args.num_samples, run.image_shape)
 
   start_time = time.perf_counter()
   samples, frames, first_seconds = generate(run, args.sampler, num_steps, eta, args.seed,
                                             args.num_samples, batch_size, strip_rows,
-                                            args.clip_denoised, spacing)
+                                            args.clip_denoised, spacing, labels, guidance_scale)
   seconds = time.perf_counter() - start_time
 
-  files.write_atomic(args.out, lambda f: images.save_grid(f, samples, run.data_range))
+  if labels is None:
+    files.write_atomic(args.out, lambda f: images.save_grid(f, samples, run.data_range))
+  else:
+    sample_labels = cycled_labels(labels, args.num_samples)
+    files.write_atomic(args.out, lambda f: save_label_grid(f, samples, sample_labels,
+                                                           run.data_range))
   if args.npz:
     extra = {}
+    if labels is not None:
+      extra["labels"] = sample_labels
+      extra["guidance_scale"] = np.float32(guidance_scale)
     if args.sampler == "ddim":
       extra["eta"] = np.float32(eta)
     if args.sampler == "dpmpp2m":
@@ -378,6 +491,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings += ", x0 clipped"
   if run.objective != "eps":
     settings += f", {run.objective}-prediction model"
+  if labels is not None:
+    shown = ",".join(map(str, labels[:10])) + (",..." if len(labels) > 10 else "")
+    settings += f", labels {shown}, guidance {guidance_scale:g}"
   print(f"sampled {args.num_samples} images ({settings}) from {source} in {seconds:.1f} s "
         f"({rate}; first batch of {batch_size} with compilation {first_seconds:.1f} s) "
         f"-> {', '.join(outputs)}", flush=True)
