@@ -19,6 +19,7 @@ from tests.conftest import load_config_file
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "mnist_tiny.py")
+TINY_COND = str(REPO / "configs" / "mnist_tiny_cond.py")
 TRAIN = ("-m", "ddpm_jax.train")
 SAMPLE = ("-m", "ddpm_jax.sample", "--num_samples", "2", "--sampler", "ddim", "--num_steps", "2",
           "--seed", "0")
@@ -67,6 +68,10 @@ def _torch_checkpoint_of_another_width(tmp):
 
 def _tiny_config_json():
   return checkpoint.config_to_json(load_config_file(TINY))
+
+
+def _tiny_cond_config_json():
+  return checkpoint.config_to_json(load_config_file(TINY_COND))
 
 
 # name: tmp_path -> (python arguments, extra environment, text the error line must hold).
@@ -167,6 +172,48 @@ CASES = {
     "sample_missing_workdir": lambda t: (
         (*SAMPLE, "--workdir", str(t / "nope"), "--out", str(t / "s.png")), {},
         f"workdir {t / 'nope'} does not exist"),
+    # Class-conditional runs (model.num_classes > 0) and their sampling.
+    "negative_num_classes": lambda t: (
+        _train(t, "--config.model.num_classes=-1"), {},
+        "model.num_classes must be a whole number >= 0 (0 = unconditional), got -1"),
+    "bad_label_dropout": lambda t: (
+        _train(t, "--config.label_dropout=1.5"), {}, "label_dropout must be in [0, 1), got 1.5"),
+    "data_labels_beyond_num_classes": lambda t: (
+        _train(t, "--config.model.num_classes=5"), {},
+        "the data's labels run 0..9, outside 0..4 of model.num_classes = 5; set "
+        "--config.model.num_classes=10"),
+    "init_torch_checkpoint_with_classes": lambda t: (
+        _train(t, "--config.model.num_classes=10", f"--config.init_torch_checkpoint={t / 'x.pt'}"),
+        {}, "init_torch_checkpoint starts an unconditional run: the original's UNET has no "
+        "class input; set --config.model.num_classes=0 (got 10)"),
+    "sample_labels_and_digit": lambda t: (
+        (*SAMPLE, "--workdir", str(t / "run"), "--labels", "1", "--digit", "2", "--out",
+         str(t / "s.png")), {}, "give at most one of --labels and --digit"),
+    "sample_labels_not_numbers": lambda t: (
+        (*SAMPLE, "--workdir", str(t / "run"), "--labels", "0,a", "--out", str(t / "s.png")), {},
+        "--labels takes comma-separated whole numbers, e.g. --labels 0,1,2; got '0,a'"),
+    "sample_guidance_without_labels": lambda t: (
+        (*SAMPLE, "--workdir", str(t / "run"), "--guidance_scale", "2", "--out",
+         str(t / "s.png")), {}, "--guidance_scale applies only with --labels or --digit"),
+    "sample_labels_for_torch_checkpoint": lambda t: (
+        (*SAMPLE, "--torch_checkpoint", str(t / "x.pt"), "--digit", "7", "--out",
+         str(t / "s.png")), {},
+        "--labels and --digit need a class-conditional run; the original's checkpoint "
+        "(--torch_checkpoint) has no class input"),
+    "sample_labels_for_unconditional_run": lambda t: (
+        _workdir_with(t, _tiny_config_json()) or
+        (*SAMPLE, "--workdir", str(t / "run"), "--digit", "7", "--out", str(t / "s.png")), {},
+        f"--labels and --digit need a class-conditional run; workdir {t / 'run'} is "
+        "unconditional (model.num_classes = 0)"),
+    "sample_label_outside_classes": lambda t: (
+        _workdir_with(t, _tiny_cond_config_json()) or
+        (*SAMPLE, "--workdir", str(t / "run"), "--labels", "0,12", "--out", str(t / "s.png")),
+        {}, "labels must be in 0..9 (model.num_classes = 10), got 12"),
+    "convert_conditional_run": lambda t: (
+        _workdir_with(t, _tiny_cond_config_json()) or
+        ("-m", "ddpm_jax.convert", "--workdir", str(t / "run"), "--out", str(t / "c.pt")), {},
+        f"{t / 'run'} is a class-conditional run (model.num_classes = 10); the original's UNET "
+        "has no class input, so it cannot be converted"),
 }
 
 
@@ -247,7 +294,8 @@ def test_a_workdir_refused_for_bad_input_is_left_alone(results, tmp_path_factory
   del results  # Only the cases' workdirs.
   root = tmp_path_factory.getbasetemp()
   for name in ("unknown_key", "groups_do_not_divide_channels", "batch_not_divisible_by_devices",
-               "init_torch_checkpoint_other_architecture", "missing_idx_dir"):
+               "init_torch_checkpoint_other_architecture", "missing_idx_dir",
+               "data_labels_beyond_num_classes"):
     assert not (next(root.glob(f"{name}*")) / "run").exists(), name
 
 

@@ -78,6 +78,32 @@ def test_real_digits_beat_noise_blur_and_shuffled_pixels(test_digits, train_stat
   assert blurred["frac_confident"] < real["frac_confident"] - 0.3
 
 
+def test_label_accuracy_of_real_digits_is_the_classifiers_accuracy(test_digits, train_stats):
+  """With their true labels real digits score the classifier's accuracy; with the labels
+  shuffled, chance."""
+  images, labels = test_digits
+  features, probs = evaluate.features_and_probs(images)
+  true = evaluate.measures_from_outputs(features, probs, *train_stats, labels=labels)
+  assert true["label_accuracy"] >= 0.95
+  assert true["label_accuracy"] == pytest.approx(np.mean(probs.argmax(axis=1) == labels))
+  shuffled = np.random.default_rng(0).permutation(labels)
+  chance = evaluate.label_accuracy(probs, shuffled)
+  assert abs(chance - 0.1) < 0.03, chance  # 2000 images: one standard error is 0.007.
+  assert "label_accuracy" not in evaluate.measures_from_outputs(features, probs, *train_stats)
+
+
+def test_the_cli_reports_label_accuracy_when_the_npz_has_labels(tmp_path, test_digits, capsys):
+  images, labels = test_digits
+  path = tmp_path / "labelled.npz"
+  np.savez(path, images=images[:300], labels=labels[:300].astype(np.int32))
+  assert evaluate.main(["--samples", str(path)]) == 0
+  out = capsys.readouterr().out
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result["label_accuracy"] >= 0.95
+  assert result["reference"]["label_accuracy"] >= 0.95  # The test digits' own labels.
+  assert "label_accuracy" in out.split("real held-out")[0]
+
+
 def test_compute_measures_matches_its_parts(test_digits):
   images = test_digits[0][:300]
   reference = data.preprocess(data.load_bundled("train")[0][:1000])
@@ -192,6 +218,10 @@ ERROR_CASES = {
     "bad_max_samples": ({"images": GOOD}, ["--max_samples", "1"], "at least 2"),
     "bad_reference": ({"images": GOOD}, ["--reference", "cifar"], "reference"),
     "unknown_flag": ({"images": GOOD}, ["--bogus"], "unrecognized"),
+    "labels_not_one_per_image": ({"images": GOOD, "labels": np.array([0, 1])}, [],
+                                 "`labels` must hold one whole number per image"),
+    "labels_not_digits": ({"images": GOOD, "labels": np.array([0, 1, 2, 12])}, [],
+                          "`labels` must be in 0..9"),
 }
 
 
