@@ -62,7 +62,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddpm_jax import checkpoint, cli, data, evaluate, files, images, sample, train, train_state
 from ddpm_jax.config_checks import validate_config
-from ddpm_jax.convert import flax_to_torch, torch_to_flax
+from ddpm_jax.convert import flax_to_torch, to_torch_checkpoint, torch_to_flax
 from ddpm_jax.errors import UserError, run_cli
 from ddpm_jax.model import build_unet
 
@@ -97,7 +97,8 @@ FIRST_STEP_SANITY = 1e-3
 
 USAGE = """\
 usage: python scripts/train_parity.py --config FILE --num_train_steps N --out DIR
-           [--seeds S] [--quick] [--num_samples K] [--ddim_steps D] [--overwrite]
+           [--seeds S] [--quick] [--num_samples K] [--ddim_steps D] [--rounding_control]
+           [--torch_threads T] [--overwrite]
            [--config.KEY=VALUE ...]
 
 Trains FILE's config for N steps in ddpm_jax (its compiled train step) and in the
@@ -116,6 +117,8 @@ seed-to-seed spread. Writes DIR/parity.json and DIR/loss_curves.png.
   --num_samples K       samples per model for the evaluation (256; --quick 16)
   --ddim_steps D        DDIM steps of those samples (50; --quick 5)
   --torch_threads T     torch's CPU threads (0: half the cores, at least 1)
+  --rounding_control    per seed, a third run: the original's from an init one float32 ulp
+                        off in every weight, to show how far rounding alone carries a run
   --overwrite           replace an existing DIR/parity.json
   --config.KEY=VALUE    overrides a key of the config (--quick sets its keys after these)
   -h, --help            this message
@@ -131,6 +134,8 @@ def define_flags(flag_values) -> None:
   flags.DEFINE_integer("num_samples", None, "Samples per model.", flag_values=flag_values)
   flags.DEFINE_integer("ddim_steps", None, "DDIM steps.", flag_values=flag_values)
   flags.DEFINE_integer("torch_threads", 0, "torch CPU threads.", flag_values=flag_values)
+  flags.DEFINE_boolean("rounding_control", False, "Also the original from an init 1 ulp off.",
+                       flag_values=flag_values)
   flags.DEFINE_boolean("overwrite", False, "Replace parity.json.", flag_values=flag_values)
 
 
@@ -140,6 +145,7 @@ class Settings:
   seeds: int
   num_samples: int
   ddim_steps: int
+  control: bool = False
 
 
 def apply_quick(config: ml_collections.ConfigDict, num_train_steps: int) -> None:
@@ -246,110 +252,202 @@ def _torch_weights(module) -> dict[str, np.ndarray]:
   return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
 
 
-def weight_distance(jax_params: Any, torch_module, init: np.ndarray) -> dict[str, float]:
-  """``relative``: ||w_jax - w_torch|| / ||w_torch|| over all parameters; ``over_update``:
-  the same difference over how far the torch weights moved from the init."""
-  ours = _flat(flax_to_torch(jax.device_get(jax_params)))
-  theirs = _flat(_torch_weights(torch_module))
+def _jax_weights(params: Any) -> dict[str, np.ndarray]:
+  return flax_to_torch(jax.device_get(params))
+
+
+def relative_distance(ours: np.ndarray, theirs: np.ndarray, start: np.ndarray
+                      ) -> dict[str, float | None]:
+  """``relative``: ||ours - theirs|| / ||theirs||; ``over_update``: ||ours - theirs|| over
+  how far ``theirs`` moved from ``start`` (None where it did not move)."""
   diff = float(np.linalg.norm(ours - theirs))
-  moved = float(np.linalg.norm(theirs - init))
+  moved = float(np.linalg.norm(theirs - start))
   return {"relative": diff / float(np.linalg.norm(theirs)),
           "over_update": diff / moved if moved > 0 else None}
 
 
+def one_ulp_off(module, seed: int) -> None:
+  """Moves every parameter of ``module`` by one float32 ulp, up or down at random: a
+  perturbation of the size of one rounding."""
+  rng = np.random.default_rng([seed, 1])
+  with torch.no_grad():
+    for p in module.parameters():
+      value = p.detach().cpu().numpy()
+      direction = np.where(rng.random(value.shape) < 0.5, -np.inf, np.inf).astype(np.float32)
+      p.copy_(torch.from_numpy(np.nextafter(value, direction)))
+
+
+class TorchSide:
+  """The original's model, Adam, EMA and step, fed given batches, draws and rates."""
+
+  def __init__(self, config: ml_collections.ConfigDict, devices: Devices, model):
+    self.model, self.devices = model, devices
+    self.optimizer, self.ema, self.criterion = R.make_training(
+        model, lr=config.learning_rate, ema_decay=config.ema_decay)
+    self.scheduler = reference_scheduler(config, devices.torch_device)
+
+  @classmethod
+  def from_jax_state(cls, config: ml_collections.ConfigDict, devices: Devices,
+                     state: Any) -> TorchSide:
+    """The original's training at a ddpm_jax train state (host copy): its weights, Adam
+    moments and count, and EMA, through ``convert.to_torch_checkpoint``. torch's global
+    random state is left as it was (it drives the runs' dropout)."""
+    ckpt = to_torch_checkpoint(state.params, state.ema_params, state.opt_state,
+                               config.learning_rate)
+    devices_to_fork = [devices.torch_device.index or 0] if devices.is_gpu else []
+    with torch.random.fork_rng(devices=devices_to_fork):
+      m = config.model
+      model = R.UNET(Channels=list(m.channels), Attentions=list(m.attentions),
+                     Upscales=list(m.upscales), num_groups=m.num_groups,
+                     dropout_prob=m.dropout_rate, num_heads=m.num_heads,
+                     input_channels=config.data.channels, output_channels=m.out_channels,
+                     time_steps=m.time_steps).to(devices.torch_device)
+    model.load_state_dict(ckpt["weights"])
+    side = cls(config, devices, model)
+    side.optimizer.load_state_dict(ckpt["optimizer"])
+    side.ema.load_state_dict(ckpt["ema"])
+    return side
+
+  def step(self, batch: np.ndarray, t: np.ndarray, noise: np.ndarray, lr: float) -> float:
+    """One update on an NHWC ``batch`` with NHWC ``noise``, at rate ``lr``; its loss."""
+    for group in self.optimizer.param_groups:
+      group["lr"] = lr
+    to_torch = functools.partial(torch.tensor, device=self.devices.torch_device)  # Copies.
+    return R.train_step(self.model, self.optimizer, self.ema, self.criterion, self.scheduler,
+                        to_torch(batch.transpose(0, 3, 1, 2)), to_torch(t.astype(np.int64)),
+                        to_torch(noise.transpose(0, 3, 1, 2)))
+
+  def weights(self) -> np.ndarray:
+    return _flat(_torch_weights(self.model))
+
+  def ema_weights(self) -> np.ndarray:
+    return _flat(_torch_weights(self.ema.module))
+
+
+def one_step_check(config: ml_collections.ConfigDict, devices: Devices, before: Any,
+                   after: Any, jax_loss: float, batch: np.ndarray, t: np.ndarray,
+                   noise: np.ndarray, lr: float) -> dict:
+  """The original's step from ddpm_jax's state ``before`` against ddpm_jax's own step
+  to ``after`` (host copies): the single-step parity of ``tests/test_parity.py``, at a
+  point of the JAX run. Stays at rounding level all along unless the training path
+  differs somewhere (a late rate, Adam's bias correction at large counts, the EMA)."""
+  side = TorchSide.from_jax_state(config, devices, before)
+  loss = side.step(batch, t, noise, lr)
+  start, start_ema = _flat(_jax_weights(before.params)), _flat(_jax_weights(before.ema_params))
+  return {"loss_relative": abs(jax_loss - loss) / abs(loss),
+          "update": relative_distance(_flat(_jax_weights(after.params)), side.weights(),
+                                      start)["over_update"],
+          "ema_update": relative_distance(_flat(_jax_weights(after.ema_params)),
+                                          side.ema_weights(), start_ema)["over_update"]}
+
+
 @dataclasses.dataclass
 class Run:
-  """One seed's pair of runs."""
+  """One seed's runs."""
   seed: int
-  losses: dict[str, list[float]]
+  losses: dict[str, list[float]]  # "jax", "torch" and, with the control, "control".
   weight_distance: dict[str, dict]
-  ema_params: dict[str, Any]  # Flax trees of both final EMA models.
+  one_step: dict[str, dict]
+  control_distance: dict[str, dict]
+  ema_params: dict[str, Any]  # Flax trees of the final EMA models, by side.
   seconds: dict[str, float]
 
 
 def train_pair(config: ml_collections.ConfigDict, devices: Devices, compiled_step: Callable,
-               formats: Any, images_: np.ndarray, log: Callable[[str], None]) -> Run:
+               formats: Any, images_: np.ndarray, log: Callable[[str], None],
+               control: bool = False) -> Run:
   """Trains ``config`` for ``config.num_train_steps`` steps on both sides, step by step.
 
   The JAX step is dispatched first and runs asynchronously while the torch step runs;
-  its losses are read once per chunk of draws.
+  its losses are read back at checkpoints and progress lines. At the checkpoints, the two
+  sides' weights are compared, and the original's step is taken once from the JAX state
+  (:func:`one_step_check`). With ``control``, a third run, the original's from an init one
+  ulp off (:func:`one_ulp_off`), shows how far rounding alone carries the original.
   """
   seed, total, batch_size = config.seed, config.num_train_steps, config.batch_size
-  model = reference_unet(config, devices)
-  init_state_dict = _torch_weights(model)
+  torch_side = TorchSide(config, devices, reference_unet(config, devices))
+  init_state_dict = _torch_weights(torch_side.model)
   init = _flat(init_state_dict)
+  control_side = None
+  if control:
+    control_side = TorchSide(config, devices, reference_unet(config, devices))
+    one_ulp_off(control_side.model, seed)
+    control_side.ema.module.load_state_dict(control_side.model.state_dict())
   params = torch_to_flax(init_state_dict, build_unet(config.model))
   rng = jax.random.PRNGKey(seed)
   state = train_state.initial_state(jax.tree.map(jnp.asarray, params),
                                     train_state.make_tx(config), rng)
   state = jax.device_put(state, formats)
   batch_sharding = NamedSharding(devices.mesh, P("data"))
-  optimizer, ema, criterion = R.make_training(model, lr=config.learning_rate,
-                                              ema_decay=config.ema_decay)
-  scheduler = reference_scheduler(config, devices.torch_device)
   decay_steps = train_state.lr_decay_steps(config)
   order = data.BatchIterator(images_, batch_size, seed, prefetch=0)
   batch_shape = (batch_size,) + images_.shape[1:]
   checkpoints = sorted({s for s in DISTANCE_STEPS if s <= total} | {total})
 
-  losses_jax: list[float] = []
-  losses_torch: list[float] = []
-  distances: dict[str, dict] = {}
+  losses = {"jax": [], "torch": []}
+  if control:
+    losses["control"] = []
+  distances, one_step, control_distance = {}, {}, {}
   pending: list[jax.Array] = []
-  seconds = {"jax_and_torch_steps": 0.0, "distances": 0.0}
+  seconds = {"steps": 0.0, "checks": 0.0}
   start_time = time.perf_counter()
   report_every = max(1, total // 20)
-  to_torch = functools.partial(torch.tensor, device=devices.torch_device)  # Copies.
+
+  def read_jax_losses():
+    losses["jax"].extend(float(x) for x in jax.device_get(pending))
+    pending.clear()
 
   for chunk_start in range(0, total, DRAW_CHUNK):
     steps = np.arange(chunk_start, min(chunk_start + DRAW_CHUNK, total))
     ts, noises = jax.device_get(step_draws(rng, jnp.asarray(steps, jnp.int32), batch_shape,
                                            config.schedule.num_steps))
     for i, step in enumerate(steps):
+      done = int(step) + 1
       batch = order.batch_at(int(step))
+      before = jax.device_get(state) if done in checkpoints else None
       state, metrics = compiled_step(state, jax.device_put(batch, batch_sharding))
       pending.append(metrics["loss"])
       lr = train_state.learning_rate_at(int(step), config.learning_rate, config.warmup_steps,
                                         decay_steps)
-      for group in optimizer.param_groups:
-        group["lr"] = lr
-      losses_torch.append(R.train_step(
-          model, optimizer, ema, criterion, scheduler,
-          to_torch(batch.transpose(0, 3, 1, 2)),
-          to_torch(ts[i].astype(np.int64)),
-          to_torch(noises[i].transpose(0, 3, 1, 2))))
-      done = int(step) + 1
+      losses["torch"].append(torch_side.step(batch, ts[i], noises[i], lr))
+      if control_side is not None:
+        losses["control"].append(control_side.step(batch, ts[i], noises[i], lr))
       if done in checkpoints:
-        losses_jax.extend(float(x) for x in jax.device_get(pending))
-        pending.clear()
+        read_jax_losses()
         clock = time.perf_counter()
-        distances[str(done)] = {
-            "raw": weight_distance(state.params, model, init),
-            "ema": weight_distance(state.ema_params, ema.module, init)}
-        seconds["distances"] += time.perf_counter() - clock
+        key = str(done)
+        raw, ema = _flat(_jax_weights(state.params)), _flat(_jax_weights(state.ema_params))
+        distances[key] = {"raw": relative_distance(raw, torch_side.weights(), init),
+                          "ema": relative_distance(ema, torch_side.ema_weights(), init)}
+        one_step[key] = one_step_check(config, devices, before, jax.device_get(state),
+                                       losses["jax"][-1], batch, ts[i], noises[i], lr)
+        if control_side is not None:
+          control_distance[key] = {
+              "raw": relative_distance(control_side.weights(), torch_side.weights(), init),
+              "ema": relative_distance(control_side.ema_weights(), torch_side.ema_weights(),
+                                       init)}
+        seconds["checks"] += time.perf_counter() - clock
       if done == 1 and config.model.dropout_rate == 0:
-        losses_jax.extend(float(x) for x in jax.device_get(pending))
-        pending.clear()
-        first_jax = losses_jax[0]
-        gap = abs(first_jax - losses_torch[0]) / abs(losses_torch[0])
+        gap = abs(losses["jax"][0] - losses["torch"][0]) / abs(losses["torch"][0])
         if gap > FIRST_STEP_SANITY:
           raise RuntimeError(f"the first step's losses differ by {gap:.2e} relative (JAX "
-                             f"{first_jax}, torch {losses_torch[0]}): the two sides did not "
-                             "get the same weights, batch, t or noise")
+                             f"{losses['jax'][0]}, torch {losses['torch'][0]}): the two sides "
+                             "did not get the same weights, batch, t or noise")
       if done % report_every == 0 or done == total:
-        losses_jax.extend(float(x) for x in jax.device_get(pending))
-        pending.clear()
+        read_jax_losses()
         window = slice(max(0, done - report_every), done)
-        elapsed = time.perf_counter() - start_time
-        log(f"seed {seed} step {done}/{total}: loss jax {np.mean(losses_jax[window]):.5f} "
-            f"torch {np.mean(losses_torch[window]):.5f} ({elapsed:.0f} s)")
-  losses_jax.extend(float(x) for x in jax.device_get(pending))
-  seconds["jax_and_torch_steps"] = time.perf_counter() - start_time - seconds["distances"]
-  torch_ema = torch_to_flax(_torch_weights(ema.module), build_unet(config.model))
-  return Run(seed=seed, losses={"jax": losses_jax, "torch": losses_torch},
-             weight_distance=distances,
-             ema_params={"jax": jax.device_get(state.ema_params), "torch": torch_ema},
-             seconds=seconds)
+        log(f"seed {seed} step {done}/{total}: loss " + " ".join(
+            f"{side} {np.mean(values[window]):.5f}" for side, values in losses.items())
+            + f" ({time.perf_counter() - start_time:.0f} s)")
+  read_jax_losses()
+  seconds["steps"] = time.perf_counter() - start_time - seconds["checks"]
+  model = build_unet(config.model)
+  ema_params = {"jax": jax.device_get(state.ema_params),
+                "torch": torch_to_flax(_torch_weights(torch_side.ema.module), model)}
+  if control_side is not None:
+    ema_params["control"] = torch_to_flax(_torch_weights(control_side.ema.module), model)
+  return Run(seed=seed, losses=losses, weight_distance=distances, one_step=one_step,
+             control_distance=control_distance, ema_params=ema_params, seconds=seconds)
 
 
 class Evaluator:
@@ -394,7 +492,8 @@ def spread_summary(runs: Sequence[dict]) -> dict:
   """For each measure: both sides' value per seed, the framework difference per seed
   (|jax - torch|) and, with several seeds, the seed-to-seed spread per side (max - min
   over seeds). The goal holds for a measure when the largest framework difference is below
-  the smaller side's seed spread (or is 0)."""
+  the smaller side's seed spread (or is 0). With the control run, also its value and its
+  difference from the original's run of the same seed (``rounding_difference``)."""
   summary = {}
   for measure in MEASURES:
     values = [{side: (run["final_loss"][side] if measure == "final_loss"
@@ -403,6 +502,11 @@ def spread_summary(runs: Sequence[dict]) -> dict:
     framework = [abs(v["jax"] - v["torch"]) for v in values]
     entry = {"per_seed": values, "framework_difference": framework,
              "framework_difference_max": max(framework)}
+    if all("control" in run["final_loss"] for run in runs):
+      entry["control"] = [run["final_loss"]["control"] if measure == "final_loss"
+                          else run["evaluation"]["control"][measure] for run in runs]
+      entry["rounding_difference"] = [abs(c - v["torch"])
+                                      for c, v in zip(entry["control"], values)]
     if len(runs) > 1:
       spread = {side: max(v[side] for v in values) - min(v[side] for v in values)
                 for side in ("jax", "torch")}
@@ -457,6 +561,10 @@ def plot(runs: Sequence[Run], grids: dict[str, np.ndarray], data_range: str,
                color="gray", alpha=0.3, linewidth=0.5, label="jax - torch, per step")
   ax_diff.plot(steps, smooth["jax"] - smooth["torch"], color="black", linewidth=1.2,
                label=f"jax - torch, seed {first.seed}, running mean")
+  if "control" in first.losses:
+    ax_diff.plot(steps, running_mean(first.losses["control"], SMOOTH_STEPS) - smooth["torch"],
+                 color="tab:green", linewidth=1.0,
+                 label=f"torch from an init 1 ulp off - torch, seed {first.seed}, running mean")
   if len(runs) > 1:
     ax_diff.plot(steps, running_mean(runs[1].losses["torch"], SMOOTH_STEPS) - smooth["torch"],
                  color="tab:red", linewidth=1.0, linestyle="--",
@@ -541,23 +649,26 @@ def run_parity(config: ml_collections.ConfigDict, settings: Settings, devices: D
   for k in range(settings.seeds):
     seed_config = ml_collections.ConfigDict(config.to_dict())
     seed_config.seed = config.seed + k
-    run = train_pair(seed_config, devices, compiled_step, formats, images_, log)
+    run = train_pair(seed_config, devices, compiled_step, formats, images_, log,
+                     settings.control)
     samples, evaluation = {}, {}
     clock = time.perf_counter()
-    for side in ("jax", "torch"):
+    for side in run.ema_params:
       samples[side] = sample_model(seed_config, run.ema_params[side], seed_config.seed, settings)
       evaluation[side] = evaluator(samples[side], config.data.range,
                                    f"{side} EMA, seed {seed_config.seed}")
     run.seconds["sampling_and_evaluation"] = time.perf_counter() - clock
     log(f"seed {seed_config.seed}: " + "; ".join(
         f"{side} FD {evaluation[side]['frechet_distance']:.2f}, confident "
-        f"{evaluation[side]['frac_confident']:.3f}" for side in ("jax", "torch")))
+        f"{evaluation[side]['frac_confident']:.3f}" for side in evaluation))
     runs.append((run, samples))
     results.append({
         "seed": run.seed,
-        "losses": {side: _round(run.losses[side]) for side in ("jax", "torch")},
-        "final_loss": {side: final_loss(run.losses[side]) for side in ("jax", "torch")},
+        "losses": {side: _round(values) for side, values in run.losses.items()},
+        "final_loss": {side: final_loss(values) for side, values in run.losses.items()},
         "weight_distance": run.weight_distance,
+        "one_step": run.one_step,
+        **({"control_distance": run.control_distance} if settings.control else {}),
         "evaluation": evaluation,
         "sample_seed": seed_config.seed,
         "seconds": run.seconds})
@@ -570,19 +681,27 @@ def run_parity(config: ml_collections.ConfigDict, settings: Settings, devices: D
                "scored by ddpm_jax.evaluate"),
       "num_train_steps": settings.num_train_steps,
       "seeds": [r["seed"] for r in results],
-      "losses": results[0]["losses"],
+      "losses": {side: results[0]["losses"][side] for side in ("jax", "torch")},
       "final_loss": results[0]["final_loss"],
       "final_loss_window": FINAL_WINDOW,
       "weight_distance": results[0]["weight_distance"],
       "weight_distance_note": ("per step: raw and EMA weights, relative = ||w_jax - w_torch|| "
                                "/ ||w_torch|| over all parameters, over_update = ||w_jax - "
                                "w_torch|| / ||w_torch - w_init||"),
-      "evaluation": results[0]["evaluation"],
+      "one_step": results[0]["one_step"],
+      "one_step_note": ("per checkpoint step s: the original's step s taken from ddpm_jax's "
+                        "state before it (convert.to_torch_checkpoint) against ddpm_jax's own "
+                        "step s: loss_relative = |loss_jax - loss_torch| / loss_torch, "
+                        "update / ema_update = ||d_jax - d_torch|| / ||d_torch|| of the "
+                        "weights' / EMA's change (None where the rate is 0)"),
+      "evaluation": {side: results[0]["evaluation"][side] for side in ("jax", "torch")},
       "runs": results,
       "spread": spread_summary(results),
       "spread_note": ("framework_difference: |jax - torch| per seed; seed_spread: max - min "
                       "over seeds per side; within_seed_spread: the largest framework "
-                      "difference is below the smaller seed spread"),
+                      "difference is below the smaller seed spread; control and "
+                      "rounding_difference (with --rounding_control): the original's run "
+                      "from an init one float32 ulp off, and |control - torch| per seed"),
       "sampling": {"sampler": "ddim", "num_steps": settings.ddim_steps, "eta": DDIM_ETA,
                    "clip_denoised": True, "num_samples": settings.num_samples,
                    "batch_size": min(settings.num_samples, SAMPLE_BATCH),
@@ -603,11 +722,9 @@ def run_parity(config: ml_collections.ConfigDict, settings: Settings, devices: D
     doc["goal"] = {
         "rule": "every measure's framework difference is below its seed-to-seed spread",
         "holds": all(v["within_seed_spread"] for v in doc["spread"].values())}
-  first_run, first_samples = runs[0]
   title = (f"{settings.num_train_steps} steps, UNet {tuple(config.model.channels)}, "
            f"batch {config.batch_size}")
-  png = plot([r for r, _ in runs], first_samples, config.data.range, title)
-  del first_run
+  png = plot([run for run, _ in runs], runs[0][1], config.data.range, title)
   return doc, png
 
 
@@ -649,7 +766,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   files.check_outputs([json_path], flag_values.overwrite)
   files.check_outputs([png_path], True)  # It belongs to the parity.json it replaces.
   settings = Settings(num_train_steps=num_train_steps, seeds=flag_values.seeds,
-                      num_samples=num_samples, ddim_steps=ddim_steps)
+                      num_samples=num_samples, ddim_steps=ddim_steps,
+                      control=flag_values.rounding_control)
 
   threads = flag_values.torch_threads or max(1, cli.available_cores() // 2)
   torch.set_num_threads(threads)
@@ -662,7 +780,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   def log(message: str) -> None:
     print(f"[{time.perf_counter() - start:7.1f} s] {message}", flush=True)
 
-  log(f"train parity on {devices.note}: {settings.seeds} seed(s) x {num_train_steps} steps, "
+  log(f"train parity on {devices.note}: {settings.seeds} seed(s) x {num_train_steps} steps"
+      f"{' (with the rounding control)' if settings.control else ''}, "
       f"UNet {tuple(config.model.channels)}, batch {config.batch_size}, torch threads {threads}")
   clock = time.perf_counter()
   doc, png = run_parity(config, settings, devices, log)
@@ -672,6 +791,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   files.write_text_atomic(json_path, json.dumps(doc, indent=1) + "\n")
   for measure, entry in doc["spread"].items():
     line = f"{measure:17s} framework difference {entry['framework_difference_max']:.4g}"
+    if "rounding_difference" in entry:
+      line += f", rounding control {max(entry['rounding_difference']):.4g}"
     if "seed_spread_min" in entry:
       line += (f", seed spread {entry['seed_spread_min']:.4g}"
                f" ({'within' if entry['within_seed_spread'] else 'NOT within'})")
