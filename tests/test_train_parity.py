@@ -3,7 +3,8 @@ PyTorch code from the same weights, batches, t and noise ends in the same place,
 script writes every field and a real figure.
 
 One quick run (two seeds of a micro UNet, 12 steps, the tiny config's warm-up and cosine
-rate) serves every check; the refusals run before anything is computed.
+rate, with the rounding control) serves every check; the refusals run before anything is
+computed.
 """
 
 import functools
@@ -43,7 +44,7 @@ def _argv(out, *extra):
 def quick(tmp_path_factory):
   """The quick run's output directory and parity.json."""
   out = tmp_path_factory.mktemp("parity")
-  assert _script().main(_argv(out, "--seeds", "2")) == 0
+  assert _script().main(_argv(out, "--seeds", "2", "--rounding_control")) == 0
   return out, json.loads((out / "parity.json").read_text())
 
 
@@ -56,17 +57,20 @@ def _relative(doc_losses):
 def test_json_has_every_field(quick):
   _, doc = quick
   for key in ("command", "date", "device", "versions", "config", "losses", "weight_distance",
-              "evaluation", "runs", "spread", "goal", "dropout", "sampling"):
+              "one_step", "evaluation", "runs", "spread", "goal", "dropout", "sampling"):
     assert key in doc, key
   assert set(doc["versions"]) >= {"jax", "flax", "torch", "numpy"}
   assert doc["config"]["num_train_steps"] == STEPS and doc["config"]["batch_size"] == 8
   assert doc["dropout"] == {"rate": 0.0, "masks_match": True, "note": doc["dropout"]["note"]}
   assert [run["seed"] for run in doc["runs"]] == [0, 1]
-  assert doc["losses"] == doc["runs"][0]["losses"]
+  assert set(doc["losses"]) == set(doc["evaluation"]) == set(SIDES)
+  assert doc["losses"] == {side: doc["runs"][0]["losses"][side] for side in SIDES}
   for run in doc["runs"]:
-    assert all(len(run["losses"][side]) == STEPS for side in SIDES)
-    assert set(run["weight_distance"]) == {"1", "10", str(STEPS)}
-    for side in SIDES:
+    assert all(len(run["losses"][side]) == STEPS for side in SIDES + ("control",))
+    checkpoints = {"1", "10", str(STEPS)}
+    assert set(run["weight_distance"]) == set(run["one_step"]) == checkpoints
+    assert set(run["control_distance"]) == checkpoints
+    for side in SIDES + ("control",):
       evaluation = run["evaluation"][side]
       assert evaluation["num_samples"] == 16 and evaluation["reference"]["name"] == "bundled"
       assert {"frechet_distance", "mean_confidence", "frac_confident", "class_kl",
@@ -75,7 +79,8 @@ def test_json_has_every_field(quick):
                   "class_kl"):
     entry = doc["spread"][measure]
     assert {"framework_difference", "framework_difference_max", "seed_spread",
-            "seed_spread_min", "within_seed_spread"} <= set(entry), measure
+            "seed_spread_min", "within_seed_spread", "control",
+            "rounding_difference"} <= set(entry), measure
   assert isinstance(doc["goal"]["holds"], bool)
 
 
@@ -90,6 +95,31 @@ def test_losses_agree_step_by_step(quick):
     assert relative[0] <= 1e-6, relative[0]  # Measured: 0 (seed 0) and 1.2e-7 (seed 1).
     assert relative[:4].max() <= 5e-6, relative[:4]  # Measured: 2.4e-7 and 1.0e-6.
     assert relative.max() <= 5e-3, relative  # Measured: 2.5e-4 and 4.0e-4.
+
+
+@pytest.mark.slow
+def test_the_originals_step_from_the_jax_state_agrees(quick):
+  """At each checkpoint the original steps from ddpm_jax's state: the single-step parity
+  of test_parity.py, along the run (no update at step 1: the warm-up's rate is 0)."""
+  _, doc = quick
+  for run in doc["runs"]:
+    assert run["one_step"]["1"]["update"] is None
+    for check in run["one_step"].values():
+      assert check["loss_relative"] <= 1e-6, check  # Measured: <= 4.5e-7.
+      if check["update"] is not None:
+        assert check["update"] <= 1e-2, check  # Measured: <= 1.3e-3.
+        assert check["ema_update"] <= 1e-2, check  # Measured: <= 1.4e-4.
+
+
+@pytest.mark.slow
+def test_rounding_control_stays_with_the_original(quick):
+  """Over 12 steps the original from an init one ulp off stays at rounding distance of
+  the original: whatever parts the two frameworks within the run is not the init."""
+  _, doc = quick
+  for run in doc["runs"]:
+    control, original = (np.asarray(run["losses"][k]) for k in ("control", "torch"))
+    assert (np.abs(control - original) / original).max() <= 1e-5  # Measured: <= 3.4e-7.
+    assert run["control_distance"][str(STEPS)]["raw"]["relative"] <= 1e-4  # Measured 7.3e-6.
 
 
 @pytest.mark.slow
