@@ -132,7 +132,8 @@ def jax_breakdown(config: ml_collections.ConfigDict, state: TrainState, x: jax.A
 def loop_program_rows(config: ml_collections.ConfigDict, dtype: str, batch: int,
                       initial: TrainState, devices: Devices, settings: Settings) -> list[dict]:
   """The training loop's own program, :func:`ddpm_jax.train.compile_train_steps`, timed
-  for each k of ``settings.loop_steps_per_call``: k steps a call in one ``lax.scan``.
+  for each k of ``settings.loop_steps_per_call``: k steps a call in one ``lax.scan`` (also
+  on a CPU, whose loop runs the plain step instead: the row shows why).
 
   Its data set on the device is the train rows' one batch, and every step gathers all of
   it, so each step computes what the single step's row does; the state stays in the
@@ -148,7 +149,8 @@ def loop_program_rows(config: ml_collections.ConfigDict, dtype: str, batch: int,
   for k in settings.loop_steps_per_call:
     indices = jax.device_put(np.tile(np.arange(batch, dtype=np.int32), (k, 1)), replicated)
     start = time.perf_counter()
-    compiled, formats = train.compile_train_steps(config, mesh, state, images, k, formats)
+    compiled, formats = train.compile_train_steps(config, mesh, state, images, k, formats,
+                                                  scan=True)
     compile_s = time.perf_counter() - start
     state = jax.device_put(state, formats)
 
