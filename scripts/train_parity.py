@@ -89,6 +89,7 @@ GRID_IMAGES = 64
 DISTANCE_STEPS = (1, 10, 100, 1000)
 SMOOTH_STEPS = 50  # The running mean of the plotted curves.
 FINAL_WINDOW = 100  # The final loss: the mean of the last so many steps.
+ADAM_B1 = 0.9  # torch.optim.Adam's and optax.adam's default, make_optimizer's.
 DRAW_CHUNK = 50  # Steps whose t and noise are drawn in one call.
 MEASURES = ("final_loss", "frechet_distance", "mean_confidence", "frac_confident", "class_kl")
 # A first-step loss further apart than this means the two sides did not get the same
@@ -334,7 +335,17 @@ def one_step_check(config: ml_collections.ConfigDict, devices: Devices, before: 
   side = TorchSide.from_jax_state(config, devices, before)
   loss = side.step(batch, t, noise, lr)
   start, start_ema = _flat(_jax_weights(before.params)), _flat(_jax_weights(before.ema_params))
-  return {"loss_relative": abs(jax_loss - loss) / abs(loss),
+  # Each side's gradient, read back from its Adam first moment (mu = b1 mu + (1 - b1) g):
+  # unlike the update, it does not shrink with the rate.
+  mu_before = _flat(_jax_weights(train_state.adam_states(before.opt_state)[0].mu))
+  mu_jax = _flat(_jax_weights(train_state.adam_states(after.opt_state)[0].mu))
+  mu_torch = _flat({name: side.optimizer.state[p]["exp_avg"].detach().cpu().numpy()
+                    for name, p in side.model.named_parameters()})
+  grad_jax, grad_torch = ((mu - ADAM_B1 * mu_before) / (1 - ADAM_B1)
+                          for mu in (mu_jax, mu_torch))
+  return {"learning_rate": lr,
+          "loss_relative": abs(jax_loss - loss) / abs(loss),
+          "gradient": float(np.linalg.norm(grad_jax - grad_torch) / np.linalg.norm(grad_torch)),
           "update": relative_distance(_flat(_jax_weights(after.params)), side.weights(),
                                       start)["over_update"],
           "ema_update": relative_distance(_flat(_jax_weights(after.ema_params)),
@@ -531,9 +542,9 @@ def running_mean(values: Sequence[float], width: int) -> np.ndarray:
 def plot(runs: Sequence[Run], grids: dict[str, np.ndarray], data_range: str,
          title: str) -> bytes:
   """The PNG: the first seed's loss curves (raw, light; running mean, dark) on a log axis,
-  other seeds' running means for scale; below, the JAX - torch difference of the running
-  means (and, with two seeds, the torch seed-to-seed difference); then both sides'
-  sample grids."""
+  other seeds' running means for scale; below, the JAX / torch ratio of the running means
+  less 1 (and, for scale, the rounding control's and the torch seed-to-seed ratio); then
+  both sides' sample grids."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -557,21 +568,22 @@ def plot(runs: Sequence[Run], grids: dict[str, np.ndarray], data_range: str,
   ax_loss.set_title(f"{title}: running mean of {SMOOTH_STEPS} steps (raw light)", fontsize=10)
   ax_loss.legend(fontsize=8)
   smooth = {side: running_mean(first.losses[side], SMOOTH_STEPS) for side in ("jax", "torch")}
-  ax_diff.plot(steps, np.asarray(first.losses["jax"]) - np.asarray(first.losses["torch"]),
-               color="gray", alpha=0.3, linewidth=0.5, label="jax - torch, per step")
-  ax_diff.plot(steps, smooth["jax"] - smooth["torch"], color="black", linewidth=1.2,
-               label=f"jax - torch, seed {first.seed}, running mean")
+  ax_diff.plot(steps, np.asarray(first.losses["jax"]) / np.asarray(first.losses["torch"]) - 1,
+               color="gray", alpha=0.3, linewidth=0.5, label="jax / torch - 1, per step")
+  ax_diff.plot(steps, smooth["jax"] / smooth["torch"] - 1, color="black", linewidth=1.2,
+               label=f"jax / torch - 1, seed {first.seed}, running means")
   if "control" in first.losses:
-    ax_diff.plot(steps, running_mean(first.losses["control"], SMOOTH_STEPS) - smooth["torch"],
+    ax_diff.plot(steps, running_mean(first.losses["control"], SMOOTH_STEPS) / smooth["torch"] - 1,
                  color="tab:green", linewidth=1.0,
-                 label=f"torch from an init 1 ulp off - torch, seed {first.seed}, running mean")
+                 label=f"torch from an init 1 ulp off / torch - 1, seed {first.seed}")
   if len(runs) > 1:
-    ax_diff.plot(steps, running_mean(runs[1].losses["torch"], SMOOTH_STEPS) - smooth["torch"],
+    ax_diff.plot(steps, running_mean(runs[1].losses["torch"], SMOOTH_STEPS) / smooth["torch"] - 1,
                  color="tab:red", linewidth=1.0, linestyle="--",
-                 label=f"torch seed {runs[1].seed} - seed {first.seed}, running mean")
+                 label=f"torch seed {runs[1].seed} / seed {first.seed} - 1")
   ax_diff.axhline(0.0, color="black", linewidth=0.5)
+  ax_diff.set_ylim(-0.3, 0.3)
   ax_diff.set_xlabel("step")
-  ax_diff.set_ylabel("loss difference")
+  ax_diff.set_ylabel("relative loss difference")
   ax_diff.legend(fontsize=8)
   for column, side in enumerate(("jax", "torch")):
     ax = fig.add_subplot(grid_spec[2, column])
@@ -691,9 +703,13 @@ def run_parity(config: ml_collections.ConfigDict, settings: Settings, devices: D
       "one_step": results[0]["one_step"],
       "one_step_note": ("per checkpoint step s: the original's step s taken from ddpm_jax's "
                         "state before it (convert.to_torch_checkpoint) against ddpm_jax's own "
-                        "step s: loss_relative = |loss_jax - loss_torch| / loss_torch, "
-                        "update / ema_update = ||d_jax - d_torch|| / ||d_torch|| of the "
-                        "weights' / EMA's change (None where the rate is 0)"),
+                        "step s: loss_relative = |loss_jax - loss_torch| / loss_torch; "
+                        "gradient = ||g_jax - g_torch|| / ||g_torch||, each read back from "
+                        "its Adam first moment; update / ema_update = ||d_jax - d_torch|| / "
+                        "||d_torch|| of the weights' / EMA's change (None where the rate is "
+                        "0; where rate x 1 falls below the weights' float32 spacing, as near "
+                        "the end of a cosine decay, the update is mostly rounding and this "
+                        "ratio says so, not the arithmetic)"),
       "evaluation": {side: results[0]["evaluation"][side] for side in ("jax", "torch")},
       "runs": results,
       "spread": spread_summary(results),
