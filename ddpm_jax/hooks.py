@@ -39,7 +39,9 @@ def make_sample_grid_writer(config: ml_collections.ConfigDict
   Deterministic DDIM (eta 0) with ``config.sample_num_steps`` steps from the noise of
   ``fold_in(key(seed), -2)``: the same starting noise at every step of the run, so the
   grids show one set of samples improving. Images are not clipped (as the original).
-  Made once per run: the sampler is compiled for its ``apply_fn``, so every grid of the
+  A class-conditional run (``model.num_classes = C > 0``) draws image ``i`` as class
+  ``i mod C`` with the plain conditional model (guidance scale 1), so that the grid shows
+  the model the run trains rather than its "no class" half. Made once per run: the sampler is compiled for its ``apply_fn``, so every grid of the
   run reuses one compilation.
   """
   apply_fn = build_unet(config.model).apply
@@ -47,11 +49,14 @@ def make_sample_grid_writer(config: ml_collections.ConfigDict
   size, channels = config.data.image_size, config.data.channels
   shape = (config.sample_num_images, size, size, channels)
   rng = jax.random.fold_in(jax.random.key(config.seed), -2 % 2**31)
+  num_classes = config.model.get("num_classes", 0)
+  labels = (np.arange(config.sample_num_images, dtype=np.int32) % num_classes
+            if num_classes else None)
 
   def write(ema_params: Any, path: pathlib.Path) -> None:
     x, _ = sampling.ddim_sample(apply_fn, ema_params, schedule, rng, shape,
                                 config.sample_num_steps, snapshot_times=(),
-                                objective=config.get("objective", "eps"))
+                                objective=config.get("objective", "eps"), labels=labels)
     path.parent.mkdir(parents=True, exist_ok=True)
     files.write_atomic(path, lambda f: images.save_grid(f, np.asarray(x), config.data.range))
   return write

@@ -19,7 +19,7 @@ from PIL import Image
 from ddpm_jax import checkpoint, convert, data, diffusion, images, sample, sampling, train
 from ddpm_jax.config_checks import check_resume_compatible, validate_config
 from ddpm_jax.errors import UserError
-from ddpm_jax.model import NO_CLASS, UNet
+from ddpm_jax.model import NO_CLASS, UNet, build_unet
 from ddpm_jax.schedule import linear_schedule
 from tests.conftest import load_config_file, micro_config
 
@@ -237,6 +237,27 @@ def test_a_resumed_conditional_run_is_bit_identical(conditional_run, tmp_path):
   moved = set(np.flatnonzero(np.abs(rows).max(axis=1) > 0).tolist())
   assert moved <= seen | {NUM_CLASSES} and len(moved & seen) >= len(seen) - 2, (moved, seen)
   assert checkpoint.read_config(workdir).model.num_classes == NUM_CLASSES
+
+
+def test_a_conditional_runs_sample_grid_draws_each_class(tmp_path):
+  """The training grid of a conditional run is DDIM of the EMA weights with image i asked
+  for class i mod C, not the "no class" model."""
+  config = _conditional_config(num_train_steps=2, sample_every_steps=2, sample_num_images=4,
+                               sample_num_steps=3, ema_decay=0.5)
+  train.train_and_evaluate(config, str(tmp_path))
+  _, _, ema = checkpoint.load_run(tmp_path)
+  rng = jax.random.fold_in(jax.random.key(config.seed), -2 % 2**31)
+  apply_fn = build_unet(config.model).apply
+
+  def grid(labels):
+    x, _ = sampling.ddim_sample(apply_fn, ema, linear_schedule(), rng, (4, 32, 32, 1), 3,
+                                snapshot_times=(), labels=labels)
+    return images.tile(images.to_uint8(np.asarray(x), "zero_one"), 2)[..., 0]
+
+  with Image.open(train.sample_grid_path(tmp_path, 2)) as png:
+    written = np.asarray(png)
+  np.testing.assert_array_equal(written, grid(jnp.arange(4, dtype=jnp.int32)))
+  assert np.abs(written.astype(int) - grid(None)).max() > 0
 
 
 def test_the_loop_gathers_each_steps_labels_with_its_images():
