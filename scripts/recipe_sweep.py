@@ -49,7 +49,11 @@ VARIANTS = {
     "batch_8": ["--config.batch_size=8", "--config.num_train_steps=5000"],
     "wider": ["--config.model.channels=(16,32,64,128,128,96)", "--config.model.num_groups=8",
               "--config.model.num_heads=4"],
+    # configs/mnist_tiny_cond.py: sample it with the cond_* samplers, which ask for digits.
+    "cond": ["--config.model.num_classes=10"],
 }
+
+_DIGITS = ["--labels", "0,1,2,3,4,5,6,7,8,9"]
 
 # Sampler settings, by name: ddpm_jax.sample flags.
 SAMPLERS = {
@@ -66,7 +70,13 @@ SAMPLERS = {
     "dpmpp2m20_clip": ["--sampler", "dpmpp2m", "--num_steps", "20", "--clip_denoised"],
     "dpmpp2m20_logsnr": ["--sampler", "dpmpp2m", "--num_steps", "20", "--spacing", "logsnr"],
     "ddpm1000": ["--sampler", "ddpm"],
+    # DDPM-1000 with each predicted x0 clipped to the data's range (the DDPM paper's sampler).
+    "ddim1000_eta1_clip": ["--sampler", "ddim", "--num_steps", "1000", "--eta", "1",
+                           "--clip_denoised"],
     "default": [],
+    **{f"cond_ddim50_eta1_clip_w{w}": ["--sampler", "ddim", "--num_steps", "50", "--eta", "1",
+                                       "--clip_denoised", *_DIGITS, "--guidance_scale", w]
+       for w in ("0", "1", "1.5", "2", "3", "5")},
 }
 
 MEASURES = ("frac_confident", "mean_confidence", "frechet_distance", "class_kl")
@@ -134,16 +144,22 @@ def table(results: pathlib.Path) -> str:
   groups: dict[tuple[str, str], list[dict]] = {}
   for r in rows:
     groups.setdefault((r["variant"], r["sampler"]), []).append(r)
+  labelled = any("label_accuracy" in r["evaluation"] for r in rows)
   lines = ["| variant | sampler | seeds | ≥ 0.9 confident | mean confidence | FD | class KL "
-           "| train img/s |", "|---|---|---|---|---|---|---|---|"]
+           + ("| label accuracy " if labelled else "") + "| train img/s |",
+           "|---|---|---|---|---|---|---|" + ("---|" if labelled else "") + "---|"]
   for (variant, sampler), group in groups.items():
     def cell(key, scale=1.0, spec=".1f"):
       values = [scale * g["evaluation"][key] for g in group]
       each = " / ".join(format(v, spec) for v in values)
       return f"{np.mean(values):{spec}} ({each})" if len(values) > 1 else each
+    accuracy = ""
+    if labelled:
+      accuracy = (f"{cell('label_accuracy', 100)} % | "
+                  if all("label_accuracy" in g["evaluation"] for g in group) else "– | ")
     lines.append(f"| {variant} | {sampler} | {len(group)} | {cell('frac_confident', 100)} % | "
                  f"{cell('mean_confidence', 1, '.3f')} | {cell('frechet_distance')} | "
-                 f"{cell('class_kl', 1, '.2f')} | "
+                 f"{cell('class_kl', 1, '.2f')} | {accuracy}"
                  f"{np.mean([g['train_img_per_s'] for g in group]):.0f} |")
   return "\n".join(lines)
 
