@@ -9,7 +9,9 @@ CPU), with the same architecture, batch and float32 weights on both sides:
 * train step img/s: ``ddpm_jax.train.compile_train_step`` (jitted; Adam + EMA; the state
   in the layouts XLA picks) per compute dtype, against ``reference_torch.train_step`` (the
   original's eager step; Adam + EMA) and the same step with the model under
-  ``torch.compile``; beside it, the training loop's own program
+  ``torch.compile``; on a CPU of several cores also the float32 step with the batch split
+  over one JAX device per core (what ``python -m ddpm_jax.train`` runs there); beside it,
+  the training loop's own program
   (``train.compile_train_steps``) at k steps a call (``--loop_steps_per_call``);
 * sampling img/s: the batched DDPM and DDIM scans of ``ddpm_jax.sampling`` against the
   original's one-image-at-a-time loop (``reference_torch.sample``);
@@ -47,6 +49,13 @@ for _path in (os.path.dirname(_SCRIPTS), _SCRIPTS):
     sys.path.insert(0, _path)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax import cli
+
+# On a CPU, one JAX device per core, as `python -m ddpm_jax.train` splits the host: the
+# rows on one device use the first, and a row of the float32 step with the batch split
+# over all of them is the CPU demo's loop. A GPU run ignores the CPU's devices.
+cli.use_cpu_cores(cli.available_cores())
+
 from bench.run import main
 from ddpm_jax.errors import run_cli
 

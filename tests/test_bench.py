@@ -15,8 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = "configs/mnist_tiny.py"
 
 
-def _bench(*args, timeout: int = 900) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+def _bench(*args, timeout: int = 900, **env_vars: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **env_vars)
   return subprocess.run([sys.executable, "scripts/bench.py", *map(str, args)], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -95,6 +95,27 @@ def test_train_rows_and_ratios(quick):
     assert r["batch"] == 8
     assert r["jax_over_eager"] == pytest.approx(rows["jax", "jit", dtype]["img_per_s"] / eager)
     assert r["jax_over_compile"] is None
+
+
+@pytest.mark.slow
+def test_a_cpu_of_several_devices_adds_the_loops_split_step(tmp_path):
+  """With two host CPU devices (the training CLI's split of 2 cores) the float32 step is
+  also timed with the batch split over both, and its ratio to torch is its own row."""
+  path = tmp_path / "two.json"
+  proc = _bench("--config", TINY, "--quick", "--parts", "train", "--dtypes", "float32",
+                "--nobreakdown", "--noprofile", "--loop_steps_per_call=", "--json", path,
+                XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  doc = json.loads(path.read_text())
+  rows = {(r["framework"], r["variant"]): r for r in doc["train"] if r["status"] == "ok"}
+  assert set(rows) == {("jax", "jit"), ("jax", "jit, 2 CPU devices"), ("torch", "eager")}
+  split = rows["jax", "jit, 2 CPU devices"]
+  assert split["batch"] == 8 and _positive(split["img_per_s"])
+  ratios = {r["variant"]: r["jax_over_eager"] for r in doc["train_ratios"]}
+  assert ratios["jit, 2 CPU devices"] == pytest.approx(
+      split["img_per_s"] / rows["torch", "eager"]["img_per_s"])
+  assert "| JAX jit, 2 CPU devices | float32 | 8 |" in proc.stdout
+  assert "| 8 | jit, 2 CPU devices | float32 |" in proc.stdout
 
 
 @pytest.mark.slow

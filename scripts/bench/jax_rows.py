@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddpm_jax import diffusion, profiling, sampling, train
 from ddpm_jax.model import build_unet
@@ -54,13 +54,16 @@ def copy_state(state: TrainState) -> TrainState:
 
 def jax_train(config: ml_collections.ConfigDict, dtype: str, batch: int,
               initial: TrainState, devices: Devices, settings: Settings,
-              breakdown: bool, profile: bool = False) -> dict:
+              breakdown: bool, profile: bool = False, mesh: Mesh | None = None) -> dict:
   """The jitted train step's row, from a copy of ``initial`` (the step donates its state);
   with ``breakdown``, also its forward and optimizer+EMA alone; with ``profile``, its op
-  time in a profiler trace (:mod:`ddpm_jax.profiling`)."""
+  time in a profiler trace (:mod:`ddpm_jax.profiling`). ``mesh``: the batch split over
+  its devices (the state replicated), as the training loop runs on several; the row's
+  variant names their count. Default: the one device of ``devices``."""
   config = with_settings(config, batch, dtype)
-  mesh = devices.mesh
-  state = copy_state(initial)
+  variant = "jit" if mesh is None else f"jit, {mesh.size} CPU devices"
+  mesh = devices.mesh if mesh is None else mesh
+  state = jax.device_put(copy_state(initial), NamedSharding(mesh, P()))
   x = bench_images(config, batch, NamedSharding(mesh, P("data")))
   start = time.perf_counter()
   compiled, formats = train.compile_train_step(config, mesh, state, x)
@@ -76,7 +79,7 @@ def jax_train(config: ml_collections.ConfigDict, dtype: str, batch: int,
                       settings.min_rep_s)
   flops = xla_flops(compiled)
   hlo_text = compiled.as_text()  # Read by the copy count and the profile's op names.
-  row = dict(framework="jax", variant="jit", dtype=dtype, batch=batch, status="ok",
+  row = dict(framework="jax", variant=variant, dtype=dtype, batch=batch, status="ok",
              img_per_s=batch / timing.median, step_ms=1e3 * timing.median,
              timing=timing.to_json(), compile_s=compile_s,
              xla_train_flops_per_img=flops / batch if flops else None,

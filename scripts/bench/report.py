@@ -33,12 +33,12 @@ def train_ratios(rows: Sequence[dict]) -> list[dict]:
   ok = {(r["framework"], r["variant"], r["dtype"], r["batch"]): r["img_per_s"]
         for r in rows if r["status"] == "ok"}
   ratios = []
-  for (framework, _, dtype, batch), img_per_s in ok.items():
+  for (framework, variant, dtype, batch), img_per_s in ok.items():
     if framework != "jax":
       continue
     eager = ok.get(("torch", "eager", "float32", batch))
     compiled = ok.get(("torch", "compile", "float32", batch))
-    ratios.append(dict(batch=batch, dtype=dtype,
+    ratios.append(dict(batch=batch, dtype=dtype, variant=variant,
                        jax_over_eager=img_per_s / eager if eager else None,
                        jax_over_compile=img_per_s / compiled if compiled else None))
   return ratios
@@ -68,14 +68,17 @@ def evaluate_targets(train_rows: Sequence[dict], ratios: Sequence[dict],
     return dict(name=name, measured=measured, limit=limit, met=met, detail=detail)
 
   # Merged runs hold a ratio per run; each target takes the first run that measured it.
-  fp32_64 = [r for r in ratios if r["batch"] == 64 and r["dtype"] == "float32"]
+  fp32_64 = [r for r in ratios if r["batch"] == 64 and r["dtype"] == "float32"
+             and r.get("variant", "jit") == "jit"]
   over_eager, over_compile = (next((r[key] for r in fp32_64 if r[key] is not None), None)
                               for key in ("jax_over_eager", "jax_over_compile"))
-  bf16_256 = first(train_rows, framework="jax", dtype="bfloat16", batch=256) or {}
+  bf16_256 = first(train_rows, framework="jax", variant="jit", dtype="bfloat16",
+                   batch=256) or {}
   ddpm = [r for r in sample_rows if r["framework"] == "jax" and r["sampler"] == "DDPM-1000"
           and r["batch"] == 64]
   fastest_ddpm = min(ddpm, key=lambda r: r["seconds_per_batch"], default=None)
-  jax_64 = [r for r in train_rows if r["framework"] == "jax" and r["batch"] == 64]
+  jax_64 = [r for r in train_rows if r["framework"] == "jax" and r["variant"] == "jit"
+            and r["batch"] == 64]
   fastest_64 = max(jax_64, key=lambda r: r["img_per_s"], default=None)
   return [
       target("train step fp32 batch 64: JAX / torch eager", over_eager, 2.0, True),
@@ -228,7 +231,7 @@ def report(doc: dict) -> str:
         "XLA GFLOP/img | MFU | XLA peak MiB | device peak MiB | host peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in doc["train"]:
-    name = "JAX jit" if r["framework"] == "jax" else f"torch {r['variant']}"
+    name = f"JAX {r['variant']}" if r["framework"] == "jax" else f"torch {r['variant']}"
     if r["status"] != "ok":
       lines.append(f"| {name} | {r['dtype']} | {r['batch']} | {r['status']} "
                    "| | | | | | | |")
@@ -242,10 +245,11 @@ def report(doc: dict) -> str:
         f"{_mib((mem.get('xla_bytes') or {}).get('peak'))} | "
         f"{_mib(mem['device_peak_bytes'])} | {_mib(mem['host_peak_rss_bytes'])} |")
   if doc["train_ratios"]:
-    lines += ["", "| batch | JAX dtype | JAX / torch eager | JAX / torch.compile |",
-              "|---|---|---|---|"]
+    lines += ["", "| batch | JAX | JAX dtype | JAX / torch eager | JAX / torch.compile |",
+              "|---|---|---|---|---|"]
   for r in doc["train_ratios"]:
-    lines.append(f"| {r['batch']} | {r['dtype']} | {_times(r['jax_over_eager'])} | "
+    lines.append(f"| {r['batch']} | {r.get('variant', 'jit')} | {r['dtype']} | "
+                 f"{_times(r['jax_over_eager'])} | "
                  f"{_times(r['jax_over_compile'])} |")
   lines += _loop_program_table(doc.get("loop_program", []), s)
   if doc["sampling"]:

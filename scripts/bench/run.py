@@ -65,6 +65,12 @@ def run_bench(config: ml_collections.ConfigDict, settings: Settings, command: st
         train_rows.append(jax_rows.jax_train(config, dtype, batch, initial, devices, settings,
                                              *breakdown_and_profile(settings, i, dtype)))
         log(f"train JAX {dtype} batch {batch}: {train_rows[-1]['img_per_s']:.1f} img/s")
+        host = devices.host_mesh
+        if host is not None and dtype == "float32" and batch % host.size == 0:
+          train_rows.append(jax_rows.jax_train(config, dtype, batch, initial, devices,
+                                               settings, False, mesh=host))
+          log(f"train JAX {dtype} batch {batch} on {host.size} CPU devices: "
+              f"{train_rows[-1]['img_per_s']:.1f} img/s")
         if times_loop_program(settings, i, dtype):
           for row in jax_rows.loop_program_rows(config, dtype, batch, initial, devices,
                                                 settings):

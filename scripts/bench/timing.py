@@ -68,6 +68,16 @@ class Devices:
     return Mesh(np.asarray([self.jax_device]), ("data",))
 
   @property
+  def host_mesh(self) -> Mesh | None:
+    """On a CPU run, a ``data`` mesh of every host CPU device when there are several
+    (``bench.py`` splits the host into one per core, as ``python -m ddpm_jax.train`` does),
+    for the row of the step the CPU demo trains with; else None."""
+    cpus = jax.devices("cpu")
+    if self.is_gpu or self.jax_device.platform != "cpu" or len(cpus) < 2:
+      return None
+    return Mesh(np.asarray(cpus), ("data",))
+
+  @property
   def is_gpu(self) -> bool:
     return self.torch_device is not None and self.torch_device.type == "cuda"
 
