@@ -3,13 +3,17 @@
   python -m ddpm_jax.sample (--workdir DIR | --torch_checkpoint FILE) --num_samples N
       --sampler {ddpm,ddim,dpmpp2m} --num_steps K --seed S --out FILE.png [--npz FILE.npz]
       [--reverse_strip FILE.png] [--use_ema | --no_use_ema] [--eta E] [--spacing S]
+      [--clip_denoised | --no_clip_denoised]
       [--batch_size B] [--overwrite] [--num_groups G --num_heads H --data_range R]
       [--labels L0,L1,... | --digit D] [--guidance_scale W]
 
-Samplers: ``ddpm`` the original's 1000-step ancestral sampler; ``ddim`` DDIM over K steps
-(``--eta`` 0, deterministic, by default); ``dpmpp2m`` DPM-Solver++(2M), deterministic, K
-model evaluations at steps evenly spaced in log-SNR (``--spacing logsnr``, the default) or
-in t (``--spacing time``).
+Samplers: ``ddpm`` the original's 1000-step ancestral sampler; ``ddim`` DDIM over K steps,
+by default ``--eta 1`` (DDPM's posterior noise at each of the K steps) with each predicted
+x0 clipped to the data range (``--no_clip_denoised`` to keep it), the settings that scored
+best on the CPU demo (RESULTS.md; ``--eta 0 --no_clip_denoised`` is the deterministic DDIM
+of the paper); ``dpmpp2m`` DPM-Solver++(2M), deterministic, K model evaluations at steps
+evenly spaced in log-SNR (``--spacing logsnr``, the default) or in t (``--spacing time``),
+x0 not clipped unless ``--clip_denoised``.
 
 Weights: ``--workdir`` reads a ``ddpm_jax.train`` run (its config gives the architecture,
 the schedule, what the model predicts (``objective``) and the data range; a config from
@@ -71,6 +75,10 @@ DEFAULT_DDIM_STEPS = 50
 # DPM-Solver++(2M)'s authors report converged samples in 15-20 model evaluations.
 DEFAULT_DPMPP2M_STEPS = 20
 DEFAULT_SPACING = sampling.DEFAULT_SPACING
+# DDIM's defaults: stochastic (eta 1) with x0 clipped, the best of the settings measured on
+# the CPU demo (RESULTS.md, "Samplers"); deterministic DDIM scored ~15 points lower there.
+DEFAULT_DDIM_ETA = 1.0
+DEFAULT_CLIP_DENOISED = {"ddpm": False, "ddim": True, "dpmpp2m": False}
 STRIP_ROWS = 8
 # Classifier-free guidance's default: the plain conditional model.
 DEFAULT_GUIDANCE_SCALE = 1.0
@@ -103,13 +111,17 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help=f"ddpm: T (the default); ddim: 1..T (default {DEFAULT_DDIM_STEPS}); "
                       f"dpmpp2m: 1..T (default {DEFAULT_DPMPP2M_STEPS})")
   parser.add_argument("--eta", type=float, default=None,
-                      help="ddim only: 0 deterministic (default) .. 1 DDPM's posterior variance")
+                      help="ddim only: 0 deterministic .. 1 DDPM's posterior variance "
+                      f"(default {DEFAULT_DDIM_ETA:g})")
   parser.add_argument("--spacing", choices=sampling.SPACINGS, default=None,
                       help=f"dpmpp2m only: steps evenly spaced in log-SNR or in t (default "
                       f"{DEFAULT_SPACING})")
-  parser.add_argument("--clip_denoised", action="store_true",
-                      help="ddim and dpmpp2m only: clip each predicted x0 to the data range "
-                      "(off, as the original; helps undertrained models)")
+  clip = parser.add_mutually_exclusive_group()
+  clip.add_argument("--clip_denoised", dest="clip_denoised", action="store_true", default=None,
+                    help="ddim and dpmpp2m only: clip each predicted x0 to the data range "
+                    "(default: on for ddim, off for dpmpp2m; helps undertrained models)")
+  clip.add_argument("--no_clip_denoised", dest="clip_denoised", action="store_false",
+                    help="ddim and dpmpp2m only: keep each predicted x0 as the model gives it")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--batch_size", type=int, default=None,
                       help=f"images per jitted call (default min(N, {DEFAULT_BATCH_SIZE}))")
@@ -159,8 +171,9 @@ def _check_args(args: argparse.Namespace) -> None:
       raise UserError(f"--eta must be in [0, 1], got {args.eta}")
   if args.spacing is not None and args.sampler != "dpmpp2m":
     raise UserError("--spacing applies only to --sampler dpmpp2m")
-  if args.clip_denoised and args.sampler == "ddpm":
-    raise UserError("--clip_denoised applies only to --sampler ddim and dpmpp2m")
+  if args.clip_denoised is not None and args.sampler == "ddpm":
+    raise UserError("--clip_denoised and --no_clip_denoised apply only to --sampler ddim "
+                    "and dpmpp2m")
   if args.step is not None and args.workdir is None:
     raise UserError("--step applies only to --workdir (a torch checkpoint holds one step)")
   if args.workdir is not None and (args.num_groups is not None or args.num_heads is not None
@@ -438,7 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       args.data_range)
     source = f"torch checkpoint {args.torch_checkpoint}"
   num_steps = _num_steps(args, run.schedule.num_steps)
-  eta = 0.0 if args.eta is None else args.eta
+  eta = DEFAULT_DDIM_ETA if args.eta is None else args.eta
+  clip_denoised = (DEFAULT_CLIP_DENOISED[args.sampler] if args.clip_denoised is None
+                   else args.clip_denoised)
   spacing = args.spacing or DEFAULT_SPACING
   batch_size = args.batch_size or min(args.num_samples, DEFAULT_BATCH_SIZE)
   strip_rows = min(STRIP_ROWS, args.num_samples) if args.reverse_strip else 0
@@ -449,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   start_time = time.perf_counter()
   samples, frames, first_seconds = generate(run, args.sampler, num_steps, eta, args.seed,
                                             args.num_samples, batch_size, strip_rows,
-                                            args.clip_denoised, spacing, labels, guidance_scale)
+                                            clip_denoised, spacing, labels, guidance_scale)
   seconds = time.perf_counter() - start_time
 
   if labels is None:
@@ -468,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.sampler == "dpmpp2m":
       extra["spacing"] = np.str_(spacing)
     if args.sampler != "ddpm":
-      extra["clip_denoised"] = np.bool_(args.clip_denoised)
+      extra["clip_denoised"] = np.bool_(clip_denoised)
     files.write_atomic(args.npz, lambda f: np.savez(
         f, images=samples, seed=np.int64(args.seed), data_range=np.str_(run.data_range),
         sampler=np.str_(args.sampler), num_steps=np.int32(num_steps), **extra))
@@ -487,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings += f", eta {eta:g}"
   if args.sampler == "dpmpp2m":
     settings += f", {spacing} spacing"
-  if args.clip_denoised:
+  if clip_denoised:
     settings += ", x0 clipped"
   if run.objective != "eps":
     settings += f", {run.objective}-prediction model"

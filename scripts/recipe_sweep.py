@@ -55,13 +55,14 @@ VARIANTS = {
 
 _DIGITS = ["--labels", "0,1,2,3,4,5,6,7,8,9"]
 
-# Sampler settings, by name: ddpm_jax.sample flags.
+# Sampler settings, by name: ddpm_jax.sample flags, each spelled out (not left to the CLI's
+# defaults), so that a name means the same sampler whatever the defaults become.
 SAMPLERS = {
     "ddim50_eta1_clip": ["--sampler", "ddim", "--num_steps", "50", "--eta", "1",
                          "--clip_denoised"],
-    "ddim50_eta1": ["--sampler", "ddim", "--num_steps", "50", "--eta", "1"],
-    "ddim50": ["--sampler", "ddim", "--num_steps", "50"],
-    "ddim50_clip": ["--sampler", "ddim", "--num_steps", "50", "--clip_denoised"],
+    "ddim50_eta1": ["--sampler", "ddim", "--num_steps", "50", "--eta", "1", "--no_clip_denoised"],
+    "ddim50": ["--sampler", "ddim", "--num_steps", "50", "--eta", "0", "--no_clip_denoised"],
+    "ddim50_clip": ["--sampler", "ddim", "--num_steps", "50", "--eta", "0", "--clip_denoised"],
     "ddim100_eta1_clip": ["--sampler", "ddim", "--num_steps", "100", "--eta", "1",
                           "--clip_denoised"],
     "dpmpp2m10": ["--sampler", "dpmpp2m", "--num_steps", "10"],

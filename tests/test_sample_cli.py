@@ -63,7 +63,8 @@ def test_torch_checkpoint_outputs_and_same_seed_same_images(checkpoint, tmp_path
     assert samples.dtype == np.float32 and samples.shape == (3, 32, 32, 1)
     assert np.isfinite(samples).all()
     assert (int(npz["seed"]), str(npz["data_range"]), str(npz["sampler"]),
-            int(npz["num_steps"]), float(npz["eta"])) == (7, "zero_one", "ddim", 4, 0.0)
+            int(npz["num_steps"]), float(npz["eta"]), bool(npz["clip_denoised"])) == (
+                7, "zero_one", "ddim", 4, 1.0, True)  # DDIM's defaults: eta 1, x0 clipped.
   tile = 32 + images.PADDING
   with Image.open(out / "grid.png") as grid:  # 3 images: 2 columns, 2 rows.
     assert grid.format == "PNG" and grid.mode == "L"
@@ -81,12 +82,18 @@ def test_torch_checkpoint_outputs_and_same_seed_same_images(checkpoint, tmp_path
   with np.load(tmp_path / "c" / "samples.npz") as npz:
     assert not np.allclose(npz["images"], samples)
 
-  # A converted run of a [-1, 1] config: the same images, read and stored as [-1, 1].
-  signed = _run(*_ddim_args(checkpoint, tmp_path / "d", "--data_range", "minus_one_one"))
-  assert signed.returncode == 0, signed.stderr
-  with np.load(tmp_path / "d" / "samples.npz") as npz:
-    np.testing.assert_array_equal(npz["images"], samples)
-    assert str(npz["data_range"]) == "minus_one_one"
+  # A converted run of a [-1, 1] config: unclipped, the same images, read and stored as
+  # [-1, 1]; clipped (the default), x0 is held to that range instead of [0, 1].
+  unclipped = []
+  for name, data_range in (("d", "zero_one"), ("e", "minus_one_one")):
+    proc = _run(*_ddim_args(checkpoint, tmp_path / name, "--data_range", data_range,
+                            "--no_clip_denoised"))
+    assert proc.returncode == 0, proc.stderr
+    with np.load(tmp_path / name / "samples.npz") as npz:
+      unclipped.append(npz["images"])
+      assert str(npz["data_range"]) == data_range and not bool(npz["clip_denoised"])
+  np.testing.assert_array_equal(unclipped[0], unclipped[1])
+  assert not np.allclose(unclipped[0], samples)
 
 
 def _error(argv) -> str:
@@ -106,7 +113,8 @@ def test_argument_errors(checkpoint, tmp_path):
       ([*ckpt, "--seed", -1, *out], "--seed must be in"),
       ([*ckpt, "--sampler", "ddim", "--eta", -0.5, *out], "--eta must be in"),
       ([*ckpt, "--eta", 0.5, *out], "--eta applies only"),
-      ([*ckpt, "--clip_denoised", *out], "--clip_denoised applies only"),
+      ([*ckpt, "--clip_denoised", *out], "--clip_denoised and --no_clip_denoised apply only"),
+      ([*ckpt, "--no_clip_denoised", *out], "--clip_denoised and --no_clip_denoised apply only"),
       ([*ckpt, "--sampler", "ddim", "--spacing", "time", *out],
        "--spacing applies only to --sampler dpmpp2m"),
       ([*ckpt, "--sampler", "dpmpp2m", "--spacing", "karras", *out], "invalid choice"),
