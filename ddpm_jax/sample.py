@@ -145,7 +145,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   classes = parser.add_argument_group("classes (a run trained with model.num_classes > 0)")
   classes.add_argument("--labels", default=None,
                        help="comma-separated class labels, one per image, cycled: image i "
-                       "gets labels[i % len(labels)], e.g. 0,1,2,3,4,5,6,7,8,9")
+                       "gets labels[i %% len(labels)], e.g. 0,1,2,3,4,5,6,7,8,9")
   classes.add_argument("--digit", type=int, default=None, help="one label for every image")
   classes.add_argument("--guidance_scale", type=float, default=None,
                        help="classifier-free guidance w: out_uncond + w (out_cond - "

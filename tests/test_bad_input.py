@@ -5,6 +5,7 @@ The commands run as subprocesses, a few at a time; most fail before JAX compiles
 """
 
 import concurrent.futures
+import importlib
 import os
 import pathlib
 import re
@@ -320,3 +321,13 @@ def test_help_prints_the_usage_and_exits_0(flag, tmp_path):
       "usage: python -m ddpm_jax.train --config FILE --workdir DIR [--config.KEY=VALUE ...]\n")
   assert "--config.KEY=VALUE   overrides a key" in result.stdout
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("module", ["sample", "evaluate", "convert", "plot"])
+def test_every_other_cli_prints_its_help(module, capsys):
+  """argparse formats help strings with %: a stray one turns --help into a crash."""
+  main = importlib.import_module(f"ddpm_jax.{module}").main
+  with pytest.raises(SystemExit) as exit_info:
+    main(["--help"])
+  assert exit_info.value.code == 0
+  assert capsys.readouterr().out.startswith(f"usage: python -m ddpm_jax.{module}")
