@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 DEMO_COND_DIR ?= runs/demo-cond
-# Classifier-free guidance of the demo-cond samples (1: the plain conditional model).
-DEMO_COND_GUIDANCE ?= 1
+# Classifier-free guidance of the demo-cond samples (1: the plain conditional model); 3
+# drew the asked digit most often on the demo's budget (RESULTS.md, "Draw a chosen digit").
+DEMO_COND_GUIDANCE ?= 3
 # glibc hands XLA's per-step scratch buffer (~190 MB for the demo, above malloc's mmap threshold)
 # back to the kernel after every step, and the next step faults it in again, 4 KiB at a
 # time. Transparent huge pages for malloc's mmaps cut those faults ~80x and the tiny

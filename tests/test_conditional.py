@@ -19,7 +19,7 @@ from PIL import Image
 from ddpm_jax import checkpoint, convert, data, diffusion, images, sample, sampling, train
 from ddpm_jax.config_checks import check_resume_compatible, validate_config
 from ddpm_jax.errors import UserError
-from ddpm_jax.model import NO_CLASS, UNet, build_unet
+from ddpm_jax.model import CLASS_EMBED_SCALE, NO_CLASS, UNet, build_unet, sinusoidal_embeddings
 from ddpm_jax.schedule import linear_schedule
 from tests.conftest import load_config_file, micro_config
 
@@ -78,6 +78,25 @@ def test_a_unet_without_classes_is_the_original(inputs):
   assert not np.any(embedding)
   for a, b in zip(_leaves(conditional), _leaves(old_params["params"]), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_class_row_shifts_the_time_embedding_by_its_scaled_value(inputs):
+  """emb = table[t] + CLASS_EMBED_SCALE * row[label]: a class whose row is
+  (table[t2] - table[t1]) / scale makes the model at t1 the no-class model at t2."""
+  x, _ = inputs
+  model = UNet(**MICRO, num_classes=NUM_CLASSES)
+  params = model.init(jax.random.key(0), x, jnp.zeros(len(x), jnp.int32))["params"]
+  table = sinusoidal_embeddings(1000, max(MICRO["channels"]))
+  t1, t2 = 100, 700
+  rows = np.zeros((NUM_CLASSES + 1, table.shape[1]), np.float32)
+  rows[4] = (table[t2] - table[t1]) / CLASS_EMBED_SCALE
+  params["class_embed"]["embedding"] = jnp.asarray(rows)
+  apply = jax.jit(model.apply)
+  labelled = apply({"params": params}, x, jnp.full(len(x), t1), jnp.full(len(x), 4))
+  no_class = apply({"params": params}, x, jnp.full(len(x), t2))
+  np.testing.assert_allclose(labelled, no_class, rtol=0, atol=1e-5)
+  assert np.abs(np.asarray(labelled - apply({"params": params}, x, jnp.full(len(x), t1)))
+                ).max() > 1e-3
 
 
 def _conditional_params(x, t):
