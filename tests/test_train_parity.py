@@ -36,8 +36,12 @@ def _script():
 
 
 def _argv(out, *extra):
+  """The quick run of the tiny config with the original's objective (eps; the demo predicts
+  x0, which the original cannot train) unless ``extra`` sets another."""
+  objective = [] if any(e.startswith("--config.objective") for e in extra) else [
+      "--config.objective=eps"]
   return ["train_parity.py", "--config", TINY, "--quick", "--num_train_steps", str(STEPS),
-          "--torch_threads", "1", "--out", str(out), *extra]
+          "--torch_threads", "1", "--out", str(out), *objective, *extra]
 
 
 @pytest.fixture(scope="module")
