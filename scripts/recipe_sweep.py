@@ -28,9 +28,11 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
-# Overrides of the config, by variant name. "base" is the config as it is.
+# Overrides of the config, by variant name. "base" is the config as it is; "eps" the
+# original's objective (configs/mnist_tiny.py predicts x0).
 VARIANTS = {
     "base": [],
+    "eps": ["--config.objective=eps"],
     "x0": ["--config.objective=x0"],
     "v": ["--config.objective=v"],
     "min_snr": ["--config.loss_weighting=min_snr"],
