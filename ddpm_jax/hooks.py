@@ -41,8 +41,8 @@ def make_sample_grid_writer(config: ml_collections.ConfigDict
   grids show one set of samples improving. Images are not clipped (as the original).
   A class-conditional run (``model.num_classes = C > 0``) draws image ``i`` as class
   ``i mod C`` with the plain conditional model (guidance scale 1), so that the grid shows
-  the model the run trains rather than its "no class" half. Made once per run: the sampler is compiled for its ``apply_fn``, so every grid of the
-  run reuses one compilation.
+  the model the run trains rather than its "no class" half. Made once per run: the sampler
+  is compiled for its ``apply_fn``, so every grid of the run reuses one compilation.
   """
   apply_fn = build_unet(config.model).apply
   schedule = make_schedule(config)

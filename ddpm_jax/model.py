@@ -219,16 +219,15 @@ class UNet(nn.Module):
   ``num_classes > 0`` adds ``class_embed``, an ``nn.Embed(num_classes + 1, max(channels))``
   whose row for ``labels`` (int ``[B]``), times :data:`CLASS_EMBED_SCALE`, is added to the
   sinusoidal time embedding before each layer slices its ``[:C]``, so the original's wiring
-  is unchanged. Row ``num_classes``
-  is "no class": ``labels`` None, or a label of :data:`NO_CLASS` (or ``num_classes``),
-  selects it; that is the model classifier-free guidance calls unconditional. The rows
-  start at zero: a fresh conditional UNet is then the same function as the unconditional
-  one with the same other parameters (which do not depend on ``num_classes``: Flax draws
-  each module's init from its own name), so conditioning starts from the original's
-  model, not from a random shift of every time embedding; and since the row is added, not
-  multiplied, its gradient is non-zero from the first step and differs by class, which
-  breaks the rows' symmetry. With ``num_classes = 0`` there is no embedding and ``labels``
-  is ignored.
+  is unchanged. Row ``num_classes`` is "no class": ``labels`` None, or a label of
+  :data:`NO_CLASS` (or ``num_classes``), selects it; that is the model classifier-free
+  guidance calls unconditional. The rows start at zero: a fresh conditional UNet is then
+  the same function as the unconditional one with the same other parameters (which do not
+  depend on ``num_classes``: Flax draws each module's init from its own name), so
+  conditioning starts from the original's model, not from a random shift of every time
+  embedding; and since the row is added, not multiplied, its gradient is non-zero from the
+  first step and differs by class, which breaks the rows' symmetry. With ``num_classes =
+  0`` there is no embedding and ``labels`` is ignored.
   """
   channels: Sequence[int] = (64, 128, 256, 512, 512, 384)
   attentions: Sequence[bool] = (False, True, False, False, False, True)
