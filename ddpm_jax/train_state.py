@@ -46,8 +46,12 @@ def learning_rate_schedule(learning_rate: float, warmup_steps: int = 0, decay_st
   return learning_rate
 
 
+# Adam's first-moment decay, torch.optim.Adam's default as the original trains with.
+ADAM_B1 = 0.9
+
+
 def make_optimizer(learning_rate: float, warmup_steps: int = 0, grad_clip_norm: float = 0.0,
-                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   b1: float = ADAM_B1, b2: float = 0.999, eps: float = 1e-8,
                    decay_steps: int = 0) -> optax.GradientTransformation:
   """Adam as the original (``torch.optim.Adam`` defaults), with optional warm-up, cosine
   decay (:func:`learning_rate_schedule`) and clipping.

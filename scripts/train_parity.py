@@ -89,7 +89,6 @@ GRID_IMAGES = 64
 DISTANCE_STEPS = (1, 10, 100, 1000)
 SMOOTH_STEPS = 50  # The running mean of the plotted curves.
 FINAL_WINDOW = 100  # The final loss: the mean of the last so many steps.
-ADAM_B1 = 0.9  # torch.optim.Adam's and optax.adam's default, make_optimizer's.
 DRAW_CHUNK = 50  # Steps whose t and noise are drawn in one call.
 MEASURES = ("final_loss", "frechet_distance", "mean_confidence", "frac_confident", "class_kl")
 # A first-step loss further apart than this means the two sides did not get the same
@@ -341,7 +340,7 @@ def one_step_check(config: ml_collections.ConfigDict, devices: Devices, before: 
   mu_jax = _flat(_jax_weights(train_state.adam_states(after.opt_state)[0].mu))
   mu_torch = _flat({name: side.optimizer.state[p]["exp_avg"].detach().cpu().numpy()
                     for name, p in side.model.named_parameters()})
-  grad_jax, grad_torch = ((mu - ADAM_B1 * mu_before) / (1 - ADAM_B1)
+  grad_jax, grad_torch = ((mu - train_state.ADAM_B1 * mu_before) / (1 - train_state.ADAM_B1)
                           for mu in (mu_jax, mu_torch))
   return {"learning_rate": lr,
           "loss_relative": abs(jax_loss - loss) / abs(loss),
