@@ -45,6 +45,9 @@ VARIANTS = {
     "ema_warmup": ["--config.ema_warmup=True", "--config.ema_decay=0.999"],
     "v_min_snr_ema_warmup": ["--config.objective=v", "--config.loss_weighting=min_snr",
                              "--config.ema_warmup=True", "--config.ema_decay=0.999"],
+    "ema_0.99": ["--config.ema_decay=0.99"],
+    "ema_0.999": ["--config.ema_decay=0.999"],
+    "steps_3000": ["--config.num_train_steps=3000"],
     "lr_2e-3": ["--config.learning_rate=2e-3"],
     "lr_5e-3": ["--config.learning_rate=5e-3"],
     "batch_32": ["--config.batch_size=32", "--config.num_train_steps=1250"],
@@ -142,16 +145,18 @@ def sweep(args: argparse.Namespace) -> None:
 
 
 def table(results: pathlib.Path) -> str:
-  """The rows of ``results`` as markdown: one line per (variant, sampler), seeds averaged."""
+  """The rows of ``results`` as markdown: one line per (variant, overrides, sampler), seeds
+  averaged. A variant's name is kept when the config under it changes (``x0`` on the eps
+  recipe, then on the x0 one), so rows group by the overrides they ran with too."""
   rows = [json.loads(l) for l in results.read_text().splitlines() if l.strip()]
-  groups: dict[tuple[str, str], list[dict]] = {}
+  groups: dict[tuple[str, tuple[str, ...], str], list[dict]] = {}
   for r in rows:
-    groups.setdefault((r["variant"], r["sampler"]), []).append(r)
+    groups.setdefault((r["variant"], tuple(r["overrides"]), r["sampler"]), []).append(r)
   labelled = any("label_accuracy" in r["evaluation"] for r in rows)
-  lines = ["| variant | sampler | seeds | ≥ 0.9 confident | mean confidence | FD | class KL "
-           + ("| label accuracy " if labelled else "") + "| train img/s |",
-           "|---|---|---|---|---|---|---|" + ("---|" if labelled else "") + "---|"]
-  for (variant, sampler), group in groups.items():
+  lines = ["| variant | overrides | sampler | seeds | ≥ 0.9 confident | mean confidence | FD "
+           "| class KL " + ("| label accuracy " if labelled else "") + "| train img/s |",
+           "|---|---|---|---|---|---|---|---|" + ("---|" if labelled else "") + "---|"]
+  for (variant, overrides, sampler), group in groups.items():
     def cell(key, scale=1.0, spec=".1f"):
       values = [scale * g["evaluation"][key] for g in group]
       each = " / ".join(format(v, spec) for v in values)
@@ -160,7 +165,9 @@ def table(results: pathlib.Path) -> str:
     if labelled:
       accuracy = (f"{cell('label_accuracy', 100)} % | "
                   if all("label_accuracy" in g["evaluation"] for g in group) else "– | ")
-    lines.append(f"| {variant} | {sampler} | {len(group)} | {cell('frac_confident', 100)} % | "
+    spelled = " ".join(o.removeprefix("--config.") for o in overrides)
+    lines.append(f"| {variant} | {spelled} | {sampler} | {len(group)} | "
+                 f"{cell('frac_confident', 100)} % | "
                  f"{cell('mean_confidence', 1, '.3f')} | {cell('frechet_distance')} | "
                  f"{cell('class_kl', 1, '.2f')} | {accuracy}"
                  f"{np.mean([g['train_img_per_s'] for g in group]):.0f} |")
