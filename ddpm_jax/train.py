@@ -268,10 +268,17 @@ def run_summary(config: ml_collections.ConfigDict, params: Any, mesh: Mesh, star
     rate += f" (warm-up {config.warmup_steps} steps)"
   if lr_decay_steps(config):
     rate += ", cosine decay to 0"
+  ema = f"EMA {config.ema_decay:g}" + (" warmed up" if config.ema_warmup else "")
+  recipe = f"predicts {config.objective}"
+  if config.loss_weighting == "min_snr":
+    recipe += f" with Min-SNR-{config.min_snr_gamma:g} weights"
+  recipe += f", {config.schedule.kind} schedule of {config.schedule.num_steps} steps"
+  if m.num_classes:
+    recipe += f", {m.num_classes} classes (label dropout {config.label_dropout:g})"
   return (f"UNet {tuple(m.channels)}: {num_params:,} parameters, {m.dtype} compute, on "
           f"{devices}; batch {config.batch_size}, steps {start_step} -> {total} "
           f"({total / steps_per_epoch:.3g} epochs of {num_images:,} images); {rate}, "
-          f"EMA {config.ema_decay:g}")
+          f"{ema}; {recipe}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:

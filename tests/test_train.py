@@ -535,3 +535,20 @@ def test_two_processes_give_the_one_process_result(tmp_path):
   assert [(r["step"], r.get("resumed_from")) for r in lines] == [(2, None), (4, 2)]
   assert [r["loss"] for r in lines] == [
       r["loss"] for r in checkpoint.read_metrics(tmp_path / "one")]
+
+
+def test_the_run_summary_names_the_recipe_beyond_the_original():
+  """The banner says what the model predicts, its weighting, schedule, classes and EMA, so a
+  log tells an x0 or conditional run from the original's."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  params = {"w": np.zeros((3, 4)), "b": np.zeros(5)}
+  config = micro_config()
+  original = train.run_summary(config, params, mesh, 0, 10, 5, 80)
+  assert original.endswith("; predicts eps, linear schedule of "
+                           f"{config.schedule.num_steps} steps"), original
+  assert ": 17 parameters, " in original and "steps 0 -> 10 (2 epochs of 80 images)" in original
+  config.objective, config.loss_weighting, config.schedule.kind = "x0", "min_snr", "sigmoid"
+  config.model.num_classes, config.ema_warmup = 10, True
+  assert train.run_summary(config, params, mesh, 0, 10, 5, 80).endswith(
+      f"warmed up; predicts x0 with Min-SNR-5 weights, sigmoid schedule of "
+      f"{config.schedule.num_steps} steps, 10 classes (label dropout 0.1)")
