@@ -85,15 +85,17 @@ bench() {  # bench NAME LIMIT_S bench.py-flags...
 }
 # The training loop itself, timed from its metrics; $1 is its limit.
 loop() {
-  local workdir
+  local workdir loop_flags
   workdir=$(mktemp -d)
+  # GPU_BENCH_LOOP_FLAGS holds more train flags, split at spaces.
+  read -r -a loop_flags <<< "${GPU_BENCH_LOOP_FLAGS:-}"
   # A constant rate: the loop's time per step does not depend on it, and a cosine decay
   # (configs/mnist_tiny.py) would refuse a run no longer than its warm-up.
   run_part loop "$1" "$python" -m ddpm_jax.train --config "$config" \
     --workdir "$workdir" --config.num_train_steps="$loop_steps" \
     --config.log_every_steps=$(( loop_steps / 8 > 0 ? loop_steps / 8 : 1 )) \
     --config.checkpoint_every_steps="$loop_steps" --config.lr_schedule=constant \
-    ${GPU_BENCH_LOOP_FLAGS:-}
+    ${loop_flags[@]+"${loop_flags[@]}"}
   if [ -s "$workdir/metrics.jsonl" ]; then
     cp "$workdir/metrics.jsonl" "$out/loop_metrics.jsonl"
     "$python" - "$out/loop_metrics.jsonl" <<'EOF'

@@ -363,7 +363,7 @@ def test_gpu_bench_script_runs_the_parts_named_in_order(tmp_path):
                           "--notorch_compile --loop_steps_per_call= --reps 2")
   assert train.startswith("XLA_FLAGS= | scripts/bench.py --config configs/mnist.py --json ")
   assert train.endswith("/bench_train64.json --parts train --batch_sizes 64")
-  defaults = dict(env, GPU_BENCH_LOOP_FLAGS="--config.model.dtype=bfloat16")
+  defaults = dict(env, GPU_BENCH_LOOP_FLAGS="--config.model.dtype=bfloat16 --config.seed=3")
   del defaults["GPU_BENCH_PARTS"]
   proc = subprocess.run(script, cwd=ROOT, env=defaults, capture_output=True, text=True,
                         timeout=60)
@@ -373,7 +373,8 @@ def test_gpu_bench_script_runs_the_parts_named_in_order(tmp_path):
       "== sample256 (limit 45 s)", "== loop (limit 60 s)"]
   loop = log.read_text().splitlines()[-1]
   assert loop.startswith("XLA_FLAGS= | -m ddpm_jax.train --config configs/mnist.py ")
-  assert loop.endswith("--config.lr_schedule=constant --config.model.dtype=bfloat16")
+  assert loop.endswith("--config.lr_schedule=constant --config.model.dtype=bfloat16 "
+                       "--config.seed=3")
   for parts, limits, message in (
       ("train64 eval", None, "error: GPU_BENCH_PARTS has 'eval'; the parts are"),
       # An experiment's part, moved to benchmarks/experiments/.
