@@ -6,6 +6,7 @@
       [--clip_denoised | --no_clip_denoised]
       [--batch_size B] [--overwrite] [--num_groups G --num_heads H --data_range R]
       [--labels L0,L1,... | --digit D] [--guidance_scale W]
+      [--autoguide_step N [--autoguide_scale W]]
 
 Samplers: ``ddpm`` the original's 1000-step ancestral sampler; ``ddim`` DDIM over K steps,
 by default ``--eta 1`` (DDPM's posterior noise at each of the K steps) with each predicted
@@ -31,6 +32,13 @@ gives every image the label D, ``--labels 0,1,...`` gives image ``i`` the label
 0 the unconditional one; above 1 more typical digits, less varied). Without them such a
 run samples its unconditional ("no class") model.
 
+Autoguidance (Karras et al. 2024, any ``--workdir`` run): ``--autoguide_step N`` makes the
+run's own weights at the earlier step ``N`` (EMA unless ``--no_use_ema``) guide the sampled
+ones, each update reading ``out_N + W (out - out_N)``, ``W = --autoguide_scale`` (default
+:data:`DEFAULT_AUTOGUIDE_SCALE`). The earlier, weaker network errs where the later one has learned;
+pushing away from it drew more confident digits on the CPU demo (RESULTS.md). It costs a
+second forward pass per update.
+
 Sample ``i``'s noise (its starting point and every step's) depends only on ``--seed`` and
 ``i`` (its key is ``fold_in(key(seed), i)``), so the same command gives the same images bit
 for bit. Another ``--batch_size`` (the default is ``min(N, 64)``, so also another N below
@@ -44,7 +52,8 @@ clipped, not rescaled) with ``seed``, ``data_range``, ``sampler``, ``num_steps``
 ``eta`` for DDIM, ``spacing`` for DPM-Solver++, ``clip_denoised`` for both),
 ``--reverse_strip`` the original's 10-frame reverse-process strip of the first 8 samples,
 one row each. With classes the npz also holds ``labels`` (int32 ``[N]``, image ``i``'s
-requested class, in sample order) and ``guidance_scale``, and the grid shows the images
+requested class, in sample order) and ``guidance_scale``; with autoguidance,
+``autoguide_step`` and ``autoguide_scale``. With classes the grid shows the images
 sorted by label, each label starting a new row of at most ``ceil(sqrt(N))`` columns (gaps
 grey): ``--labels 0,1,...,9 --num_samples 100`` is a 10x10 grid, row ``d`` the digit d.
 Existing files are kept unless ``--overwrite``.
@@ -82,6 +91,9 @@ DEFAULT_CLIP_DENOISED = {"ddpm": False, "ddim": True, "dpmpp2m": False}
 STRIP_ROWS = 8
 # Classifier-free guidance's default: the plain conditional model.
 DEFAULT_GUIDANCE_SCALE = 1.0
+# Autoguidance's default weight, where --autoguide_step is given: the best measured on the
+# CPU demo (RESULTS.md, "Autoguidance").
+DEFAULT_AUTOGUIDE_SCALE = 4.0
 MAX_SEED = 2**32 - 1  # jax.random.key folds larger seeds onto these.
 
 
@@ -95,6 +107,8 @@ class Sampleable:
   image_shape: tuple[int, int, int]
   objective: str = "eps"  # What the model predicts: 'eps' (the original's), 'x0' or 'v'.
   num_classes: int = 0  # > 0: a class-conditional model of labels 0..num_classes - 1.
+  # Autoguidance's guide: the weights of an earlier step of the same run, or None.
+  guide_params: Any = None
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -151,6 +165,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                        help="classifier-free guidance w: out_uncond + w (out_cond - "
                        f"out_uncond); default {DEFAULT_GUIDANCE_SCALE:g}, the conditional "
                        "model; 0 is the unconditional one")
+  guide = parser.add_argument_group("autoguidance (--workdir runs)")
+  guide.add_argument("--autoguide_step", type=int, default=None, metavar="N",
+                     help="guide the sampled weights with the run's weights at this earlier "
+                     "step: out_N + W (out - out_N)")
+  guide.add_argument("--autoguide_scale", type=float, default=None, metavar="W",
+                     help=f"autoguidance's W (default {DEFAULT_AUTOGUIDE_SCALE:g}; 1 is no "
+                     "guidance)")
   return parser.parse_args(argv)
 
 
@@ -196,6 +217,18 @@ def _check_args(args: argparse.Namespace) -> None:
   if wants_classes and args.torch_checkpoint is not None:
     raise UserError("--labels and --digit need a class-conditional run; the original's "
                     "checkpoint (--torch_checkpoint) has no class input")
+  if args.autoguide_scale is not None:
+    if args.autoguide_step is None:
+      raise UserError("--autoguide_scale applies only with --autoguide_step N")
+    if not (math.isfinite(args.autoguide_scale) and args.autoguide_scale >= 0):
+      raise UserError(f"--autoguide_scale must be a finite number >= 0, got "
+                      f"{args.autoguide_scale}")
+  if args.autoguide_step is not None:
+    if args.workdir is None:
+      raise UserError("--autoguide_step applies only to --workdir (its guide is an earlier "
+                      "checkpoint of the run)")
+    if args.autoguide_step < 0:
+      raise UserError(f"--autoguide_step must be a step >= 0, got {args.autoguide_step}")
 
 
 def requested_labels(args: argparse.Namespace) -> list[int] | None:
@@ -249,8 +282,18 @@ def save_label_grid(path, samples: np.ndarray, labels: np.ndarray, data_range: s
   Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path, format="PNG")
 
 
-def _load_workdir(workdir: str, use_ema: bool, step: int | None = None) -> Sampleable:
-  config, params, ema_params = checkpoint.load_run(workdir, step=step)
+def _load_workdir(workdir: str, use_ema: bool, step: int | None = None,
+                  guide_step: int | None = None) -> Sampleable:
+  """The run's weights at ``step`` (default: its newest checkpoint), with those at the
+  earlier ``guide_step`` as autoguidance's guide when it is given."""
+  config, step, state = checkpoint.load_run_state(workdir, step=step)
+  guide_params = None
+  if guide_step is not None:
+    if guide_step >= step:
+      raise UserError(f"--autoguide_step must be below the sampled step {step}, got "
+                      f"{guide_step}: the guide is an earlier, weaker version of the model")
+    guide = checkpoint.load_run_state(workdir, step=guide_step)[2]
+    guide_params = guide.ema_params if use_ema else guide.params
   if config.data.range not in DATA_RANGES:
     raise UserError(f"{workdir}: config data.range must be one of {', '.join(DATA_RANGES)}, "
                     f"got {config.data.range!r}")
@@ -267,12 +310,13 @@ def _load_workdir(workdir: str, use_ema: bool, step: int | None = None) -> Sampl
   size, channels = config.data.image_size, config.data.channels
   return Sampleable(
       model=build_unet(config.model),
-      params=ema_params if use_ema else params,
+      params=state.ema_params if use_ema else state.params,
       schedule=build_schedule(**config.schedule),
       data_range=config.data.range,
       image_shape=(size, size, channels),
       objective=objective,
-      num_classes=config.model.get("num_classes", 0))
+      num_classes=config.model.get("num_classes", 0),
+      guide_params=guide_params)
 
 
 def _torch_architecture(path: str) -> dict | None:
@@ -370,7 +414,8 @@ def generate(run: Sampleable, sampler: str, num_steps: int, eta: float, seed: in
              num_samples: int, batch_size: int, strip_rows: int = 0,
              clip_denoised: bool = False, spacing: str = DEFAULT_SPACING,
              labels: Sequence[int] | None = None,
-             guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+             guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+             autoguide_scale: float = DEFAULT_AUTOGUIDE_SCALE
              ) -> tuple[np.ndarray, np.ndarray, float]:
   """``(images [N, H, W, C], frames [F, strip_rows, H, W, C], first_batch_seconds)``.
 
@@ -380,13 +425,18 @@ def generate(run: Sampleable, sampler: str, num_steps: int, eta: float, seed: in
   (``F = 0``). ``clip_denoised`` (DDIM, DPM-Solver++) clips each predicted x0 to the data
   range; ``spacing`` is DPM-Solver++'s. The model's output is read as ``run.objective``.
   ``labels`` (cycled over the images, :func:`cycled_labels`) and ``guidance_scale`` are a
-  class-conditional run's classes and classifier-free guidance.
+  class-conditional run's classes and classifier-free guidance. A run with
+  ``guide_params`` is sampled with autoguidance of weight ``autoguide_scale``
+  (:class:`sampling.Autoguided`).
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   rng = jax.random.key(seed)
   times = sampling.strip_times(run.schedule.num_steps) if strip_rows else ()
   shape = (batch_size,) + run.image_shape
-  apply_fn = run.model.apply
+  apply_fn, params = run.model.apply, run.params
+  if run.guide_params is not None:
+    apply_fn = sampling.Autoguided(apply_fn, float(autoguide_scale))
+    params = (run.params, run.guide_params)
   out = np.empty((num_samples,) + run.image_shape, np.float32)
   frames = []
   first_batch_seconds = 0.0
@@ -403,16 +453,16 @@ def generate(run: Sampleable, sampler: str, num_steps: int, eta: float, seed: in
       try:
         clip_x0 = DATA_BOUNDS[run.data_range] if clip_denoised else None
         if sampler == "ddpm":
-          x, f = sampling.ddpm_sample(apply_fn, run.params, run.schedule, rng, shape, times,
+          x, f = sampling.ddpm_sample(apply_fn, params, run.schedule, rng, shape, times,
                                       first_index=start, progress=bar.update,
                                       objective=run.objective, **classes)
         elif sampler == "ddim":
-          x, f = sampling.ddim_sample(apply_fn, run.params, run.schedule, rng, shape,
+          x, f = sampling.ddim_sample(apply_fn, params, run.schedule, rng, shape,
                                       num_steps, eta, times, first_index=start,
                                       clip_x0=clip_x0, progress=bar.update,
                                       objective=run.objective, **classes)
         else:
-          x, f = sampling.dpmpp2m_sample(apply_fn, run.params, run.schedule, rng, shape,
+          x, f = sampling.dpmpp2m_sample(apply_fn, params, run.schedule, rng, shape,
                                          num_steps, objective=run.objective, spacing=spacing,
                                          snapshot_times=times, first_index=start,
                                          clip_x0=clip_x0, progress=bar.update, **classes)
@@ -443,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if labels is not None and os.path.isdir(args.workdir):  # Said before the weights load.
       check_labels(labels, checkpoint.read_config(args.workdir).model.get("num_classes", 0),
                    f"workdir {args.workdir}")
-    run = _load_workdir(args.workdir, args.use_ema, args.step)
+    run = _load_workdir(args.workdir, args.use_ema, args.step, args.autoguide_step)
     if labels is not None:
       check_labels(labels, run.num_classes, f"workdir {args.workdir}")
   else:
@@ -459,12 +509,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   strip_rows = min(STRIP_ROWS, args.num_samples) if args.reverse_strip else 0
   guidance_scale = (DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None
                     else args.guidance_scale)
+  autoguide_scale = (DEFAULT_AUTOGUIDE_SCALE if args.autoguide_scale is None
+                     else args.autoguide_scale)
   _check_host_memory(args.num_samples, run.image_shape)
 
   start_time = time.perf_counter()
   samples, frames, first_seconds = generate(run, args.sampler, num_steps, eta, args.seed,
                                             args.num_samples, batch_size, strip_rows,
-                                            clip_denoised, spacing, labels, guidance_scale)
+                                            clip_denoised, spacing, labels, guidance_scale,
+                                            autoguide_scale)
   seconds = time.perf_counter() - start_time
 
   if labels is None:
@@ -478,6 +531,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if labels is not None:
       extra["labels"] = sample_labels
       extra["guidance_scale"] = np.float32(guidance_scale)
+    if args.autoguide_step is not None:
+      extra["autoguide_step"] = np.int64(args.autoguide_step)
+      extra["autoguide_scale"] = np.float32(autoguide_scale)
     if args.sampler == "ddim":
       extra["eta"] = np.float32(eta)
     if args.sampler == "dpmpp2m":
@@ -509,6 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if labels is not None:
     shown = ",".join(map(str, labels[:10])) + (",..." if len(labels) > 10 else "")
     settings += f", labels {shown}, guidance {guidance_scale:g}"
+  if args.autoguide_step is not None:
+    settings += f", autoguided by step {args.autoguide_step} at {autoguide_scale:g}"
   print(f"sampled {args.num_samples} images ({settings}) from {source} in {seconds:.1f} s "
         f"({rate}; first batch of {batch_size} with compilation {first_seconds:.1f} s) "
         f"-> {', '.join(outputs)}", flush=True)

@@ -30,6 +30,13 @@ both halves, so it is the same combination of the eps estimates. ``w = 1`` is th
 conditional model and ``w = 0`` the unconditional one, each one forward of the batch and
 exactly so; without ``labels`` nothing changes.
 
+Any model, conditional or not, can be sampled with autoguidance (Karras et al. 2024,
+"Guiding a diffusion model with a bad version of itself"): :class:`Autoguided` makes an
+apply function of the pair ``(params, guide_params)`` whose output is
+``out_guide + w (out - out_guide)``, the guide being a weaker version of the same network
+(an earlier checkpoint of its run). Every sampler takes it in place of the model's own
+apply function, with the pair in place of the params.
+
 Nothing is clipped: images are in the data range of the training run, [0, 1] for the
 original (``config.data.range == 'zero_one'``) or [-1, 1]; only ``ddpm_jax.images`` maps
 them to pixels. Batches whose size the local device count divides are sharded over the
@@ -38,6 +45,7 @@ devices (``Mesh(local_devices, ('data',))``), with the params replicated.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Iterable, Sequence
 
@@ -119,6 +127,30 @@ def guided_output(apply_fn: ApplyFn, params: Any, z: jax.Array, t: jax.Array,
                       jnp.concatenate([labels, no_class]))
   cond, uncond = jnp.split(both, 2)
   return uncond + jnp.float32(guidance_scale) * (cond - uncond)
+
+
+@dataclasses.dataclass(frozen=True)
+class Autoguided:
+  """Autoguidance: ``apply_fn`` as a function of ``{'params': (params, guide_params)}``
+  whose output is ``out_guide + w (out - out_guide)``, ``w = scale``, in float32.
+
+  The guide is the same architecture with weaker weights; where it errs more than the
+  model does, the extrapolation pushes the samples away from its errors (Karras et al.
+  2024). Like classifier-free guidance the combination is taken on the raw output, which
+  each objective's conversion to eps and x0 maps affinely with coefficients of ``(z, t)``
+  alone. ``w = 1`` is the model's own output, from its one forward pass. Frozen and
+  compared by value, so jitted samplers taking it as a static argument compile once.
+  """
+  apply_fn: ApplyFn
+  scale: float
+
+  def __call__(self, variables: dict, *args, **kwargs) -> jax.Array:
+    params, guide_params = variables["params"]
+    out = self.apply_fn({"params": params}, *args, **kwargs).astype(jnp.float32)
+    if self.scale == 1:
+      return out
+    guide = self.apply_fn({"params": guide_params}, *args, **kwargs).astype(jnp.float32)
+    return guide + jnp.float32(self.scale) * (out - guide)
 
 
 def predict_x0_eps(apply_fn: ApplyFn, params: Any, schedule: Schedule, z: jax.Array,

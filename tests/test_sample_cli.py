@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 
 import reference_torch as R
-from ddpm_jax import images, sample
+from ddpm_jax import images, sample, sampling
 from ddpm_jax.checkpoint import load_run_state, read_config
 from ddpm_jax.config_defaults import base_config
 from ddpm_jax.errors import UserError
+from ddpm_jax.model import build_unet
 from ddpm_jax.schedule import build_schedule, linear_schedule
 from tests.conftest import QUARTER, randomize_norms, reference_kwargs
 
@@ -130,6 +131,13 @@ def test_argument_errors(checkpoint, tmp_path):
        "apply only to --torch_checkpoint"),
       ([*ckpt, "--data_range", "zero_255", *out], "invalid choice"),
       ([*ckpt, "--step", 2, *out], "--step applies only to --workdir"),
+      ([*ckpt, "--autoguide_step", 2, *out], "--autoguide_step applies only to --workdir"),
+      (["--workdir", tmp_path, "--autoguide_scale", 2, *out],
+       "--autoguide_scale applies only with --autoguide_step N"),
+      (["--workdir", tmp_path, "--autoguide_step", -1, *out],
+       "--autoguide_step must be a step >= 0, got -1"),
+      (["--workdir", tmp_path, "--autoguide_step", 1, "--autoguide_scale", "nan", *out],
+       "--autoguide_scale must be a finite number >= 0, got nan"),
       (["--torch_checkpoint", tmp_path / "missing.pt", *out], "does not exist"),
       (["--torch_checkpoint", checkpoint, *out], "does not split into 32 groups"),
       ([*ckpt, "--out", tmp_path], "is a directory"),
@@ -241,6 +249,40 @@ def test_workdir_round_trip(tmp_path):
   proc = _run("--workdir", workdir, "--step", 7, "--out", out / "seven.png")
   assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
   assert "has no checkpoint at step 7; its steps: 1, 2, 3" in proc.stderr
+
+  # Autoguidance by an earlier checkpoint: the CLI's images are those of the guided sampler
+  # on the two steps' EMA weights; w = 1 is the unguided sampler's; a guide step not kept,
+  # or not earlier than the sampled one, is one line.
+  ddim = ("--sampler", "ddim", "--num_steps", 4, "--num_samples", 2, "--seed", 0)
+  proc = _run("--workdir", workdir, *ddim, "--autoguide_step", 2, "--autoguide_scale", 2.5,
+              "--out", out / "ag.png", "--npz", out / "ag.npz")
+  assert proc.returncode == 0, proc.stderr
+  assert "x0-prediction model, autoguided by step 2 at 2.5) from" in proc.stdout, proc.stdout
+  config, _, state3 = load_run_state(workdir)
+  state2 = load_run_state(workdir, step=2)[2]
+  guided = sampling.ddim_sample(
+      sampling.Autoguided(build_unet(config.model).apply, 2.5),
+      (state3.ema_params, state2.ema_params), build_schedule(**config.schedule),
+      jax.random.key(0), (2, 32, 32, 1), 4, 1.0, (), clip_x0=(-1.0, 1.0),
+      objective=config.objective)[0]
+  with np.load(out / "ag.npz") as npz:
+    np.testing.assert_allclose(npz["images"], guided, rtol=1e-5, atol=1e-5)
+    assert (int(npz["autoguide_step"]), float(npz["autoguide_scale"])) == (2, 2.5)
+  for name, flags in (("w1", ("--autoguide_step", 2, "--autoguide_scale", 1)), ("plain", ())):
+    proc = _run("--workdir", workdir, *ddim, *flags, "--out", out / f"{name}.png", "--npz",
+                out / f"{name}.npz")
+    assert proc.returncode == 0, proc.stderr
+  with np.load(out / "w1.npz") as w1, np.load(out / "plain.npz") as plain:
+    np.testing.assert_array_equal(w1["images"], plain["images"])
+    assert np.abs(plain["images"] - guided).max() > 1e-4
+  for flags, message in ((("--autoguide_step", 3), "--autoguide_step must be below the "
+                          "sampled step 3, got 3"),
+                         (("--step", 2, "--autoguide_step", 0), "has no checkpoint at step 0; "
+                          "its steps: 1, 2, 3")):
+    proc = _run("--workdir", workdir, *ddim, *flags, "--out", out / "refused.png")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert message in proc.stderr, proc.stderr
+  assert not (out / "refused.png").exists()
 
 
 def _dpmpp2m_args(checkpoint, out_dir, *extra):
