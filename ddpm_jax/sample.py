@@ -6,7 +6,7 @@
       [--clip_denoised | --no_clip_denoised]
       [--batch_size B] [--overwrite] [--num_groups G --num_heads H --data_range R]
       [--labels L0,L1,... | --digit D] [--guidance_scale W]
-      [--autoguide_step N [--autoguide_scale W]]
+      [--autoguide_step N [--autoguide_scale W] [--autoguide_min_t T]]
 
 Samplers: ``ddpm`` the original's 1000-step ancestral sampler; ``ddim`` DDIM over K steps,
 by default ``--eta 1`` (DDPM's posterior noise at each of the K steps) with each predicted
@@ -34,10 +34,12 @@ run samples its unconditional ("no class") model.
 
 Autoguidance (Karras et al. 2024, any ``--workdir`` run): ``--autoguide_step N`` makes the
 run's own weights at the earlier step ``N`` (EMA unless ``--no_use_ema``) guide the sampled
-ones, each update reading ``out_N + W (out - out_N)``, ``W = --autoguide_scale`` (default
-:data:`DEFAULT_AUTOGUIDE_SCALE`). The earlier, weaker network errs where the later one has learned;
-pushing away from it drew more confident digits on the CPU demo (RESULTS.md). It costs a
-second forward pass per update.
+ones, each update at a step ``t >= T`` (``--autoguide_min_t``) reading
+``out_N + W (out - out_N)``, ``W = --autoguide_scale``, and the later steps the model's own
+output (defaults :data:`DEFAULT_AUTOGUIDE_SCALE` and :data:`DEFAULT_AUTOGUIDE_MIN_T`). The
+earlier, weaker network errs where the later one has learned; pushing away from it drew
+more confident digits on the CPU demo (RESULTS.md). It costs a second forward pass per
+update.
 
 Sample ``i``'s noise (its starting point and every step's) depends only on ``--seed`` and
 ``i`` (its key is ``fold_in(key(seed), i)``), so the same command gives the same images bit
@@ -53,7 +55,7 @@ clipped, not rescaled) with ``seed``, ``data_range``, ``sampler``, ``num_steps``
 ``--reverse_strip`` the original's 10-frame reverse-process strip of the first 8 samples,
 one row each. With classes the npz also holds ``labels`` (int32 ``[N]``, image ``i``'s
 requested class, in sample order) and ``guidance_scale``; with autoguidance,
-``autoguide_step`` and ``autoguide_scale``. With classes the grid shows the images
+``autoguide_step``, ``autoguide_scale`` and ``autoguide_min_t``. With classes the grid shows the images
 sorted by label, each label starting a new row of at most ``ceil(sqrt(N))`` columns (gaps
 grey): ``--labels 0,1,...,9 --num_samples 100`` is a 10x10 grid, row ``d`` the digit d.
 Existing files are kept unless ``--overwrite``.
@@ -91,9 +93,11 @@ DEFAULT_CLIP_DENOISED = {"ddpm": False, "ddim": True, "dpmpp2m": False}
 STRIP_ROWS = 8
 # Classifier-free guidance's default: the plain conditional model.
 DEFAULT_GUIDANCE_SCALE = 1.0
-# Autoguidance's default weight, where --autoguide_step is given: the best measured on the
-# CPU demo (RESULTS.md, "Autoguidance").
+# Autoguidance's defaults, where --autoguide_step is given: its weight, and the first step
+# (counting down from T - 1) left unguided, the best measured on the CPU demo (RESULTS.md,
+# "Autoguidance").
 DEFAULT_AUTOGUIDE_SCALE = 4.0
+DEFAULT_AUTOGUIDE_MIN_T = 100
 MAX_SEED = 2**32 - 1  # jax.random.key folds larger seeds onto these.
 
 
@@ -172,6 +176,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   guide.add_argument("--autoguide_scale", type=float, default=None, metavar="W",
                      help=f"autoguidance's W (default {DEFAULT_AUTOGUIDE_SCALE:g}; 1 is no "
                      "guidance)")
+  guide.add_argument("--autoguide_min_t", type=int, default=None, metavar="T",
+                     help="guide only the updates at steps t >= T, the noisier ones (default "
+                     f"{DEFAULT_AUTOGUIDE_MIN_T}; 0 guides every update)")
   return parser.parse_args(argv)
 
 
@@ -217,9 +224,10 @@ def _check_args(args: argparse.Namespace) -> None:
   if wants_classes and args.torch_checkpoint is not None:
     raise UserError("--labels and --digit need a class-conditional run; the original's "
                     "checkpoint (--torch_checkpoint) has no class input")
+  for flag in ("autoguide_scale", "autoguide_min_t"):
+    if getattr(args, flag) is not None and args.autoguide_step is None:
+      raise UserError(f"--{flag} applies only with --autoguide_step N")
   if args.autoguide_scale is not None:
-    if args.autoguide_step is None:
-      raise UserError("--autoguide_scale applies only with --autoguide_step N")
     if not (math.isfinite(args.autoguide_scale) and args.autoguide_scale >= 0):
       raise UserError(f"--autoguide_scale must be a finite number >= 0, got "
                       f"{args.autoguide_scale}")
@@ -229,6 +237,8 @@ def _check_args(args: argparse.Namespace) -> None:
                       "checkpoint of the run)")
     if args.autoguide_step < 0:
       raise UserError(f"--autoguide_step must be a step >= 0, got {args.autoguide_step}")
+  if args.autoguide_min_t is not None and args.autoguide_min_t < 0:
+    raise UserError(f"--autoguide_min_t must be a step >= 0, got {args.autoguide_min_t}")
 
 
 def requested_labels(args: argparse.Namespace) -> list[int] | None:
@@ -415,7 +425,8 @@ def generate(run: Sampleable, sampler: str, num_steps: int, eta: float, seed: in
              clip_denoised: bool = False, spacing: str = DEFAULT_SPACING,
              labels: Sequence[int] | None = None,
              guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-             autoguide_scale: float = DEFAULT_AUTOGUIDE_SCALE
+             autoguide_scale: float = DEFAULT_AUTOGUIDE_SCALE,
+             autoguide_min_t: int = DEFAULT_AUTOGUIDE_MIN_T
              ) -> tuple[np.ndarray, np.ndarray, float]:
   """``(images [N, H, W, C], frames [F, strip_rows, H, W, C], first_batch_seconds)``.
 
@@ -426,8 +437,8 @@ def generate(run: Sampleable, sampler: str, num_steps: int, eta: float, seed: in
   range; ``spacing`` is DPM-Solver++'s. The model's output is read as ``run.objective``.
   ``labels`` (cycled over the images, :func:`cycled_labels`) and ``guidance_scale`` are a
   class-conditional run's classes and classifier-free guidance. A run with
-  ``guide_params`` is sampled with autoguidance of weight ``autoguide_scale``
-  (:class:`sampling.Autoguided`).
+  ``guide_params`` is sampled with autoguidance of weight ``autoguide_scale`` at the steps
+  ``t >= autoguide_min_t`` (:class:`sampling.Autoguided`).
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   rng = jax.random.key(seed)
@@ -435,7 +446,7 @@ def generate(run: Sampleable, sampler: str, num_steps: int, eta: float, seed: in
   shape = (batch_size,) + run.image_shape
   apply_fn, params = run.model.apply, run.params
   if run.guide_params is not None:
-    apply_fn = sampling.Autoguided(apply_fn, float(autoguide_scale))
+    apply_fn = sampling.Autoguided(apply_fn, float(autoguide_scale), int(autoguide_min_t))
     params = (run.params, run.guide_params)
   out = np.empty((num_samples,) + run.image_shape, np.float32)
   frames = []
@@ -511,13 +522,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     else args.guidance_scale)
   autoguide_scale = (DEFAULT_AUTOGUIDE_SCALE if args.autoguide_scale is None
                      else args.autoguide_scale)
+  autoguide_min_t = (DEFAULT_AUTOGUIDE_MIN_T if args.autoguide_min_t is None
+                     else args.autoguide_min_t)
+  if args.autoguide_step is not None and autoguide_min_t >= run.schedule.num_steps:
+    raise UserError(f"--autoguide_min_t must be below the schedule's {run.schedule.num_steps} "
+                    f"steps (0..{run.schedule.num_steps - 1}), got {autoguide_min_t}: no "
+                    "update would be guided")
   _check_host_memory(args.num_samples, run.image_shape)
 
   start_time = time.perf_counter()
   samples, frames, first_seconds = generate(run, args.sampler, num_steps, eta, args.seed,
                                             args.num_samples, batch_size, strip_rows,
                                             clip_denoised, spacing, labels, guidance_scale,
-                                            autoguide_scale)
+                                            autoguide_scale, autoguide_min_t)
   seconds = time.perf_counter() - start_time
 
   if labels is None:
@@ -534,6 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.autoguide_step is not None:
       extra["autoguide_step"] = np.int64(args.autoguide_step)
       extra["autoguide_scale"] = np.float32(autoguide_scale)
+      extra["autoguide_min_t"] = np.int64(autoguide_min_t)
     if args.sampler == "ddim":
       extra["eta"] = np.float32(eta)
     if args.sampler == "dpmpp2m":
@@ -566,7 +584,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = ",".join(map(str, labels[:10])) + (",..." if len(labels) > 10 else "")
     settings += f", labels {shown}, guidance {guidance_scale:g}"
   if args.autoguide_step is not None:
-    settings += f", autoguided by step {args.autoguide_step} at {autoguide_scale:g}"
+    settings += (f", autoguided by step {args.autoguide_step} at {autoguide_scale:g} for "
+                 f"t >= {autoguide_min_t}")
   print(f"sampled {args.num_samples} images ({settings}) from {source} in {seconds:.1f} s "
         f"({rate}; first batch of {batch_size} with compilation {first_seconds:.1f} s) "
         f"-> {', '.join(outputs)}", flush=True)

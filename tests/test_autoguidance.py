@@ -1,5 +1,5 @@
-"""Autoguidance (``sampling.Autoguided``): the output is ``out_guide + w (out - out_guide)``,
-``w = 1`` gives the unguided samples bit for bit and a guide equal to the model within
+"""Autoguidance (``sampling.Autoguided``): the output is ``out_guide + w (out - out_guide)``
+at the steps ``t >= min_t`` and the model's own below, ``w = 1`` gives the unguided samples bit for bit and a guide equal to the model within
 rounding, and one DDIM update applies the guided output."""
 
 import functools
@@ -36,6 +36,10 @@ def test_the_output_is_the_guide_plus_w_times_the_difference():
       sampling.Autoguided(_toy_apply, 1.0)({"params": (PARAMS, GUIDE)}, z, t), out)
   np.testing.assert_array_equal(
       sampling.Autoguided(_toy_apply, 0.0)({"params": (PARAMS, GUIDE)}, z, t), guide)
+  # Guided from t = 500 on: the first example (t = 10) is the model's own output.
+  limited = sampling.Autoguided(_toy_apply, 2.5, 500)({"params": (PARAMS, GUIDE)}, z, t)
+  np.testing.assert_array_equal(limited[0], out[0])
+  np.testing.assert_array_equal(limited[1], guided[1])
   # Equal by value, so a jitted sampler compiles once for every batch.
   assert sampling.Autoguided(_toy_apply, 2.5) == sampling.Autoguided(_toy_apply, 2.5)
   assert hash(sampling.Autoguided(_toy_apply, 2.5)) == hash(

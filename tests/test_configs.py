@@ -67,3 +67,15 @@ def test_a_bad_value_is_refused_in_one_line(key, value, message):
   node[leaf] = value
   with pytest.raises(UserError, match=re.escape(message)):
     validate_config(config)
+
+
+def test_the_demo_guides_with_a_checkpoint_the_tiny_config_keeps():
+  """`make demo` samples with autoguidance by the EMA at DEMO_AUTOGUIDE_STEP: that step must
+  be one the tiny run checkpoints and still keeps at its end, below its last step."""
+  makefile = (pathlib.Path(__file__).parents[1] / "Makefile").read_text()
+  step = int(re.search(r"^DEMO_AUTOGUIDE_STEP \?= (\d+)$", makefile, re.M).group(1))
+  assert "--autoguide_step $(DEMO_AUTOGUIDE_STEP)" in makefile
+  config = load_config_file(CONFIGS[0].parent / "mnist_tiny.py")
+  every, last = config.checkpoint_every_steps, config.num_train_steps
+  kept = [s for s in range(every, last + 1, every)][-config.keep_checkpoints:]
+  assert step in kept and step < last, (step, kept)
