@@ -80,6 +80,13 @@ SAMPLERS = {
     "ddim1000_eta1_clip": ["--sampler", "ddim", "--num_steps", "1000", "--eta", "1",
                            "--clip_denoised"],
     "default": [],
+    # Autoguidance by the run's EMA at an earlier step (its checkpoints must keep that step),
+    # at every update (no suffix) or only at the updates of steps t >= T (_tT).
+    **{f"ddim50_eta1_clip_ag{step}_w{w}" + (f"_t{t}" if t else ""): [
+        "--sampler", "ddim", "--num_steps", "50", "--eta", "1", "--clip_denoised",
+        "--autoguide_step", str(step), "--autoguide_scale", w, "--autoguide_min_t", str(t)]
+       for step in (500, 1000, 1500, 2000) for w in ("2", "3", "4", "5", "6")
+       for t in (0, 100, 200, 400)},
     **{f"cond_ddim50_eta1_clip_w{w}": ["--sampler", "ddim", "--num_steps", "50", "--eta", "1",
                                        "--clip_denoised", *_DIGITS, "--guidance_scale", w]
        for w in ("0", "1", "1.5", "2", "3", "5")},
