@@ -55,10 +55,10 @@ clipped, not rescaled) with ``seed``, ``data_range``, ``sampler``, ``num_steps``
 ``--reverse_strip`` the original's 10-frame reverse-process strip of the first 8 samples,
 one row each. With classes the npz also holds ``labels`` (int32 ``[N]``, image ``i``'s
 requested class, in sample order) and ``guidance_scale``; with autoguidance,
-``autoguide_step``, ``autoguide_scale`` and ``autoguide_min_t``. With classes the grid shows the images
-sorted by label, each label starting a new row of at most ``ceil(sqrt(N))`` columns (gaps
-grey): ``--labels 0,1,...,9 --num_samples 100`` is a 10x10 grid, row ``d`` the digit d.
-Existing files are kept unless ``--overwrite``.
+``autoguide_step``, ``autoguide_scale`` and ``autoguide_min_t``. With classes the grid
+shows the images sorted by label, each label starting a new row of at most
+``ceil(sqrt(N))`` columns (gaps grey): ``--labels 0,1,...,9 --num_samples 100`` is a 10x10
+grid, row ``d`` the digit d. Existing files are kept unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -93,9 +93,9 @@ DEFAULT_CLIP_DENOISED = {"ddpm": False, "ddim": True, "dpmpp2m": False}
 STRIP_ROWS = 8
 # Classifier-free guidance's default: the plain conditional model.
 DEFAULT_GUIDANCE_SCALE = 1.0
-# Autoguidance's defaults, where --autoguide_step is given: its weight, and the first step
-# (counting down from T - 1) left unguided, the best measured on the CPU demo (RESULTS.md,
-# "Autoguidance").
+# Autoguidance's defaults, where --autoguide_step is given: its weight, and the lowest step
+# whose update is guided (the last updates, at smaller t, read the model alone); the best
+# measured on the CPU demo (RESULTS.md, "Autoguidance").
 DEFAULT_AUTOGUIDE_SCALE = 4.0
 DEFAULT_AUTOGUIDE_MIN_T = 100
 MAX_SEED = 2**32 - 1  # jax.random.key folds larger seeds onto these.

@@ -1,6 +1,7 @@
 """Autoguidance (``sampling.Autoguided``): the output is ``out_guide + w (out - out_guide)``
-at the steps ``t >= min_t`` and the model's own below, ``w = 1`` gives the unguided samples bit for bit and a guide equal to the model within
-rounding, and one DDIM update applies the guided output."""
+at the steps ``t >= min_t`` and the model's own below; ``w = 1`` gives the unguided samples
+bit for bit and a guide equal to the model within rounding; one DDIM update applies the
+guided output."""
 
 import functools
 
