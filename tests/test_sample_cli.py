@@ -6,6 +6,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import types
 
 import jax
 import ml_collections
@@ -336,22 +337,25 @@ def test_dpmpp2m_writes_the_outputs_and_is_deterministic(checkpoint, tmp_path):
 
 
 def _fake_run(config):
-  """``checkpoint.load_run`` for a workdir holding ``config`` (the weights are not read)."""
-  return lambda workdir, step=None: (config, {"w": 0}, {"w": 1})
+  """``checkpoint.load_run_state`` for a workdir holding ``config`` at step 10 (the weights
+  are not read)."""
+  state = types.SimpleNamespace(params={"w": 0}, ema_params={"w": 1})
+  return lambda workdir, step=None: (config, 10, state)
 
 
 def test_a_workdir_config_gives_the_objective_and_schedule(monkeypatch):
   """A config saved before objective and schedule.kind existed means eps and linear."""
   old = base_config().to_dict()
   del old["objective"], old["schedule"]["kind"]
-  monkeypatch.setattr(sample.checkpoint, "load_run", _fake_run(ml_collections.ConfigDict(old)))
+  monkeypatch.setattr(sample.checkpoint, "load_run_state",
+                      _fake_run(ml_collections.ConfigDict(old)))
   run = sample._load_workdir("old", use_ema=True)  # pylint: disable=protected-access
   assert run.objective == "eps" and run.params == {"w": 1}
   np.testing.assert_array_equal(run.schedule.alphas_cumprod, linear_schedule().alphas_cumprod)
 
   new = base_config()
   new.objective, new.schedule.kind = "v", "cosine"
-  monkeypatch.setattr(sample.checkpoint, "load_run", _fake_run(new))
+  monkeypatch.setattr(sample.checkpoint, "load_run_state", _fake_run(new))
   run = sample._load_workdir("new", use_ema=False)  # pylint: disable=protected-access
   assert run.objective == "v" and run.params == {"w": 0}
   np.testing.assert_array_equal(run.schedule.alphas_cumprod,
@@ -361,7 +365,8 @@ def test_a_workdir_config_gives_the_objective_and_schedule(monkeypatch):
                               ("kind", "quadratic", "config schedule.kind must be one of")):
     bad = base_config().to_dict()
     (bad if key == "objective" else bad["schedule"])[key] = value
-    monkeypatch.setattr(sample.checkpoint, "load_run", _fake_run(ml_collections.ConfigDict(bad)))
+    monkeypatch.setattr(sample.checkpoint, "load_run_state",
+                        _fake_run(ml_collections.ConfigDict(bad)))
     with pytest.raises(UserError, match=message):
       sample._load_workdir("bad", use_ema=True)  # pylint: disable=protected-access
 
