@@ -182,6 +182,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
+def _check_weight(flag: str, value: float) -> None:
+  """A guidance weight (``--guidance_scale``, ``--autoguide_scale``): finite and >= 0."""
+  if not (math.isfinite(value) and value >= 0):
+    raise UserError(f"--{flag} must be a finite number >= 0, got {value}")
+
+
 def _check_args(args: argparse.Namespace) -> None:
   """Checks what does not need the weights."""
   if (args.workdir is None) == (args.torch_checkpoint is None):
@@ -218,9 +224,7 @@ def _check_args(args: argparse.Namespace) -> None:
   if args.guidance_scale is not None:
     if not wants_classes:
       raise UserError("--guidance_scale applies only with --labels or --digit")
-    if not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
-      raise UserError(f"--guidance_scale must be a finite number >= 0, got "
-                      f"{args.guidance_scale}")
+    _check_weight("guidance_scale", args.guidance_scale)
   if wants_classes and args.torch_checkpoint is not None:
     raise UserError("--labels and --digit need a class-conditional run; the original's "
                     "checkpoint (--torch_checkpoint) has no class input")
@@ -228,9 +232,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if getattr(args, flag) is not None and args.autoguide_step is None:
       raise UserError(f"--{flag} applies only with --autoguide_step N")
   if args.autoguide_scale is not None:
-    if not (math.isfinite(args.autoguide_scale) and args.autoguide_scale >= 0):
-      raise UserError(f"--autoguide_scale must be a finite number >= 0, got "
-                      f"{args.autoguide_scale}")
+    _check_weight("autoguide_scale", args.autoguide_scale)
   if args.autoguide_step is not None:
     if args.workdir is None:
       raise UserError("--autoguide_step applies only to --workdir (its guide is an earlier "
@@ -297,13 +299,6 @@ def _load_workdir(workdir: str, use_ema: bool, step: int | None = None,
   """The run's weights at ``step`` (default: its newest checkpoint), with those at the
   earlier ``guide_step`` as autoguidance's guide when it is given."""
   config, step, state = checkpoint.load_run_state(workdir, step=step)
-  guide_params = None
-  if guide_step is not None:
-    if guide_step >= step:
-      raise UserError(f"--autoguide_step must be below the sampled step {step}, got "
-                      f"{guide_step}: the guide is an earlier, weaker version of the model")
-    guide = checkpoint.load_run_state(workdir, step=guide_step)[2]
-    guide_params = guide.ema_params if use_ema else guide.params
   if config.data.range not in DATA_RANGES:
     raise UserError(f"{workdir}: config data.range must be one of {', '.join(DATA_RANGES)}, "
                     f"got {config.data.range!r}")
@@ -317,6 +312,14 @@ def _load_workdir(workdir: str, use_ema: bool, step: int | None = None,
   if kind not in SCHEDULE_KINDS:
     raise UserError(f"{workdir}: config schedule.kind must be one of "
                     f"{', '.join(SCHEDULE_KINDS)}, got {kind!r}")
+  # The guide's weights are read only once the run's config is known to be usable.
+  guide_params = None
+  if guide_step is not None:
+    if guide_step >= step:
+      raise UserError(f"--autoguide_step must be below the sampled step {step}, got "
+                      f"{guide_step}: the guide is an earlier, weaker version of the model")
+    guide = checkpoint.load_run_state(workdir, step=guide_step)[2]
+    guide_params = guide.ema_params if use_ema else guide.params
   size, channels = config.data.image_size, config.data.channels
   return Sampleable(
       model=build_unet(config.model),
