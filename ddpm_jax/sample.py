@@ -47,7 +47,10 @@ for bit. Another ``--batch_size`` (the default is ``min(N, 64)``, so also anothe
 64) computes the same noise in other batch shapes, whose float rounding differs: close
 images from a trained model, visibly different ones from an undertrained one. Batches are
 always full (the last one is padded with extra samples, then cut), so one compilation
-serves them all.
+serves them all. On a CPU each batch is split over one JAX device per core (as many as
+divide the batch, as ``train`` does; XLA's CPU convolutions hardly use a second core), which
+is another batch shape too: set ``XLA_FLAGS=--xla_force_host_platform_device_count=1`` to
+compare images with another host's bit for bit.
 
 Outputs: ``--out`` a grid PNG, ``--npz`` the raw float32 images ``[N, H, W, C]`` (not
 clipped, not rescaled) with ``seed``, ``data_range``, ``sampler``, ``num_steps`` (and
@@ -74,7 +77,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from ddpm_jax import checkpoint, diffusion, files, images, sampling
+from ddpm_jax import checkpoint, cli, diffusion, files, images, sampling
 from ddpm_jax.convert import infer_architecture, load_torch_checkpoint
 from ddpm_jax.data import DATA_BOUNDS, DATA_RANGES
 from ddpm_jax.errors import ArgumentParser, UserError, run_cli
@@ -502,6 +505,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   labels = requested_labels(args)
   outputs = [p for p in (args.out, args.npz, args.reverse_strip) if p is not None]
   files.check_outputs(outputs, args.overwrite)
+  batch_size = args.batch_size or min(args.num_samples, DEFAULT_BATCH_SIZE)
+  # Before JAX starts: each batch split over one CPU device per core, as train does.
+  if not cli.is_multi_process():
+    cli.use_cpu_cores(batch_size)
   if args.workdir is not None:
     source = f"workdir {args.workdir}" + ("" if args.step is None else f" at step {args.step}")
     if labels is not None and os.path.isdir(args.workdir):  # Said before the weights load.
@@ -519,7 +526,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   clip_denoised = (DEFAULT_CLIP_DENOISED[args.sampler] if args.clip_denoised is None
                    else args.clip_denoised)
   spacing = args.spacing or DEFAULT_SPACING
-  batch_size = args.batch_size or min(args.num_samples, DEFAULT_BATCH_SIZE)
   strip_rows = min(STRIP_ROWS, args.num_samples) if args.reverse_strip else 0
   guidance_scale = (DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None
                     else args.guidance_scale)

@@ -104,6 +104,17 @@ def _error(argv) -> str:
   return str(info.value)
 
 
+def test_sampling_splits_the_host_into_a_cpu_device_per_core(tmp_path, monkeypatch):
+  """As train does, before JAX starts: one device per core that divides the batch (the
+  workdir is missing, so the command stops right after)."""
+  monkeypatch.setattr(sample.cli, "available_cores", lambda: 2)
+  for batch, flags in ((6, "--xla_force_host_platform_device_count=2"), (3, "")):
+    monkeypatch.setenv("XLA_FLAGS", "")
+    _error(["--workdir", tmp_path / "missing", "--num_samples", 12, "--batch_size", batch,
+            "--out", tmp_path / "x.png"])
+    assert os.environ["XLA_FLAGS"] == flags
+
+
 def test_argument_errors(checkpoint, tmp_path):
   out = ["--out", tmp_path / "x.png"]
   ckpt = ["--torch_checkpoint", checkpoint, *QUARTER_FLAGS]
