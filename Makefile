@@ -10,11 +10,11 @@ DEMO_COND_DIR ?= runs/demo-cond
 # drew the asked digit most often on the demo's budget (RESULTS.md, "Draw a chosen digit").
 DEMO_COND_GUIDANCE ?= 3
 # Autoguidance of the demo's samples: the run's EMA at step 1500 (a checkpoint the tiny
-# config keeps) guides the final one at weight 4 in the updates at t >= 100, which drew
+# config keeps) guides the final one at weight 5 in the updates at t >= 100, which drew
 # more confident digits than the unguided sampler on three runs (RESULTS.md,
 # "Autoguidance"). DEMO_AUTOGUIDE_SCALE=1 samples without it.
 DEMO_AUTOGUIDE_STEP ?= 1500
-DEMO_AUTOGUIDE_SCALE ?= 4
+DEMO_AUTOGUIDE_SCALE ?= 5
 DEMO_AUTOGUIDE_MIN_T ?= 100
 # glibc hands XLA's per-step scratch buffer (~190 MB for the demo, above malloc's mmap threshold)
 # back to the kernel after every step, and the next step faults it in again, 4 KiB at a

@@ -99,7 +99,7 @@ DEFAULT_GUIDANCE_SCALE = 1.0
 # Autoguidance's defaults, where --autoguide_step is given: its weight, and the lowest step
 # whose update is guided (the last updates, at smaller t, read the model alone); the best
 # measured on the CPU demo (RESULTS.md, "Autoguidance").
-DEFAULT_AUTOGUIDE_SCALE = 4.0
+DEFAULT_AUTOGUIDE_SCALE = 5.0
 DEFAULT_AUTOGUIDE_MIN_T = 100
 MAX_SEED = 2**32 - 1  # jax.random.key folds larger seeds onto these.
 
