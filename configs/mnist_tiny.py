@@ -11,7 +11,10 @@ short EMA suit a run of a few minutes. The UNet predicts the clean image (``obje
 x0``) rather than the original's noise: on this budget it drew 48 % confident digits (FD
 151) against 40 % (FD 281) for eps, two seeds each, the largest of the levers measured
 (RESULTS.md, "Levers beyond the original"). The model's wiring and the loss's MSE are the
-original's; ``--config.objective=eps`` trains the original's objective.
+original's; ``--config.objective=eps`` trains the original's objective. ``sample`` guides
+the run by its EMA at step 1500 (autoguidance at weight 5 for t >= 100, which the three
+checkpoints kept at the end include): 70.7 % confident on the demo's run against 50.8 %
+unguided (RESULTS.md, "Autoguidance"); ``sample --no_autoguide`` samples without it.
 """
 
 import ml_collections
@@ -35,4 +38,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.ema_decay = 0.995
   config.log_every_steps = 25
   config.checkpoint_every_steps = 500
+  config.autoguide_step = 1500
   return config

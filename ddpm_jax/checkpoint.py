@@ -400,6 +400,15 @@ def load_run(workdir: str | os.PathLike, step: int | None = None
   return config, state.params, state.ema_params
 
 
+def kept_steps(workdir: str | os.PathLike) -> list[int]:
+  """The steps whose checkpoints a training workdir holds, ascending, without reading them."""
+  mngr = manager(workdir, read_only=True)
+  try:
+    return sorted(mngr.all_steps())
+  finally:
+    mngr.close()
+
+
 def load_run_state(workdir: str | os.PathLike, step: int | None = None
                    ) -> tuple[ml_collections.ConfigDict, int, Any]:
   """``(config, step, train_state)`` from a training workdir's newest readable checkpoint,

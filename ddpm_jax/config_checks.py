@@ -157,6 +157,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   _require(1 <= config.sample_num_steps <= config.schedule.num_steps,
            f"sample_num_steps (DDIM steps) must be in 1..{config.schedule.num_steps}, "
            f"got {config.sample_num_steps}")
+  _require(config.get("autoguide_step", 0) >= 0,
+           f"autoguide_step must be a step >= 0 (0 = no autoguidance), got "
+           f"{config.get('autoguide_step', 0)}")
+  scale = config.get("autoguide_scale", 1.0)
+  _require(math.isfinite(scale) and scale >= 0,
+           f"autoguide_scale must be a finite number >= 0, got {scale}")
+  _require(config.get("autoguide_min_t", 0) >= 0,
+           f"autoguide_min_t must be a step >= 0, got {config.get('autoguide_min_t', 0)}")
   _require(config.profile_steps >= 0,
            f"profile_steps must be >= 0 (0 = no profile), got {config.profile_steps}")
   _require(config.get("steps_per_call", 0) >= 0,

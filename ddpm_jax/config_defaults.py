@@ -86,6 +86,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.sample_num_images = 16
   config.sample_num_steps = 50  # DDIM steps, at most schedule.num_steps
 
+  # Autoguidance (Karras et al. 2024) when `ddpm_jax.sample` samples this run without
+  # --autoguide_step or --no_autoguide: the run's weights at the earlier step
+  # autoguide_step (0 = none, the original) guide the sampled ones, each update at a step
+  # t >= autoguide_min_t reading out_N + autoguide_scale (out - out_N). The step must be
+  # one the run keeps (checkpoint_every_steps, keep_checkpoints); where the workdir does
+  # not keep it, or the sampled step is not later, the run samples unguided and says so.
+  # Scale and min_t are also the defaults of an explicit --autoguide_step.
+  config.autoguide_step = 0
+  config.autoguide_scale = 5.0
+  config.autoguide_min_t = 100
+
   # > 0: trace that many steps with jax.profiler once the run's first 5 are done, into
   # DIR/profile/ (for Perfetto or TensorBoard), and print their op time by phase, UNet
   # layer and op (also in DIR/profile/summary.json).

@@ -6,7 +6,7 @@
       [--clip_denoised | --no_clip_denoised]
       [--batch_size B] [--overwrite] [--num_groups G --num_heads H --data_range R]
       [--labels L0,L1,... | --digit D] [--guidance_scale W]
-      [--autoguide_step N [--autoguide_scale W] [--autoguide_min_t T]]
+      [--autoguide_step N] [--autoguide_scale W] [--autoguide_min_t T] [--no_autoguide]
 
 Samplers: ``ddpm`` the original's 1000-step ancestral sampler; ``ddim`` DDIM over K steps,
 by default ``--eta 1`` (DDPM's posterior noise at each of the K steps) with each predicted
@@ -36,10 +36,13 @@ Autoguidance (Karras et al. 2024, any ``--workdir`` run): ``--autoguide_step N``
 run's own weights at the earlier step ``N`` (EMA unless ``--no_use_ema``) guide the sampled
 ones, each update at a step ``t >= T`` (``--autoguide_min_t``) reading
 ``out_N + W (out - out_N)``, ``W = --autoguide_scale``, and the later steps the model's own
-output (defaults :data:`DEFAULT_AUTOGUIDE_SCALE` and :data:`DEFAULT_AUTOGUIDE_MIN_T`). The
-earlier, weaker network errs where the later one has learned; pushing away from it drew
-more confident digits on the CPU demo (RESULTS.md). It costs a second forward pass per
-update.
+output. The earlier, weaker network errs where the later one has learned; pushing away
+from it drew more confident digits on the CPU demo (RESULTS.md). It costs a second forward
+pass per update. Each setting not given is the run config's (``autoguide_step``, 0 for
+none, and ``autoguide_scale`` / ``autoguide_min_t``), else :data:`DEFAULT_AUTOGUIDE_SCALE`
+and :data:`DEFAULT_AUTOGUIDE_MIN_T`: a run of ``configs/mnist_tiny.py`` is autoguided by
+its step 1500 unless ``--no_autoguide``. Where the workdir no longer keeps the config's
+step, or the sampled step is not later, it samples unguided and its summary line says so.
 
 Sample ``i``'s noise (its starting point and every step's) depends only on ``--seed`` and
 ``i`` (its key is ``fold_in(key(seed), i)``), so the same command gives the same images bit
@@ -70,6 +73,7 @@ import argparse
 import dataclasses
 import math
 import os
+import pathlib
 import time
 from typing import Any, Mapping, Sequence
 
@@ -78,6 +82,7 @@ import numpy as np
 from PIL import Image
 
 from ddpm_jax import checkpoint, cli, diffusion, files, images, sampling
+from ddpm_jax.config_defaults import base_config
 from ddpm_jax.convert import infer_architecture, load_torch_checkpoint
 from ddpm_jax.data import DATA_BOUNDS, DATA_RANGES
 from ddpm_jax.errors import ArgumentParser, UserError, run_cli
@@ -96,11 +101,11 @@ DEFAULT_CLIP_DENOISED = {"ddpm": False, "ddim": True, "dpmpp2m": False}
 STRIP_ROWS = 8
 # Classifier-free guidance's default: the plain conditional model.
 DEFAULT_GUIDANCE_SCALE = 1.0
-# Autoguidance's defaults, where --autoguide_step is given: its weight, and the lowest step
-# whose update is guided (the last updates, at smaller t, read the model alone); the best
-# measured on the CPU demo (RESULTS.md, "Autoguidance").
-DEFAULT_AUTOGUIDE_SCALE = 5.0
-DEFAULT_AUTOGUIDE_MIN_T = 100
+# Autoguidance's weight and the lowest step whose update is guided (the last updates, at
+# smaller t, read the model alone), for a run whose config does not set them: the base
+# config's, the best measured on the CPU demo (RESULTS.md, "Autoguidance").
+DEFAULT_AUTOGUIDE_SCALE = float(base_config().autoguide_scale)
+DEFAULT_AUTOGUIDE_MIN_T = int(base_config().autoguide_min_t)
 MAX_SEED = 2**32 - 1  # jax.random.key folds larger seeds onto these.
 
 
@@ -116,6 +121,9 @@ class Sampleable:
   num_classes: int = 0  # > 0: a class-conditional model of labels 0..num_classes - 1.
   # Autoguidance's guide: the weights of an earlier step of the same run, or None.
   guide_params: Any = None
+  guide_step: int | None = None
+  # Why the run's config asked for a guide that this sampling goes without, or "".
+  guide_note: str = ""
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -172,16 +180,20 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                        help="classifier-free guidance w: out_uncond + w (out_cond - "
                        f"out_uncond); default {DEFAULT_GUIDANCE_SCALE:g}, the conditional "
                        "model; 0 is the unconditional one")
-  guide = parser.add_argument_group("autoguidance (--workdir runs)")
+  guide = parser.add_argument_group(
+      "autoguidance (--workdir runs; defaults: the run config's autoguide_* keys)")
   guide.add_argument("--autoguide_step", type=int, default=None, metavar="N",
                      help="guide the sampled weights with the run's weights at this earlier "
-                     "step: out_N + W (out - out_N)")
+                     "step: out_N + W (out - out_N) (default: the config's autoguide_step; "
+                     "configs/mnist_tiny.py 1500, 0 is none)")
   guide.add_argument("--autoguide_scale", type=float, default=None, metavar="W",
                      help=f"autoguidance's W (default {DEFAULT_AUTOGUIDE_SCALE:g}; 1 is no "
                      "guidance)")
   guide.add_argument("--autoguide_min_t", type=int, default=None, metavar="T",
                      help="guide only the updates at steps t >= T, the noisier ones (default "
                      f"{DEFAULT_AUTOGUIDE_MIN_T}; 0 guides every update)")
+  guide.add_argument("--no_autoguide", action="store_true",
+                     help="sample without the autoguidance the run's config asks for")
   return parser.parse_args(argv)
 
 
@@ -231,19 +243,52 @@ def _check_args(args: argparse.Namespace) -> None:
   if wants_classes and args.torch_checkpoint is not None:
     raise UserError("--labels and --digit need a class-conditional run; the original's "
                     "checkpoint (--torch_checkpoint) has no class input")
-  for flag in ("autoguide_scale", "autoguide_min_t"):
-    if getattr(args, flag) is not None and args.autoguide_step is None:
-      raise UserError(f"--{flag} applies only with --autoguide_step N")
+  given = [f"--{flag}" for flag in ("autoguide_step", "autoguide_scale", "autoguide_min_t")
+           if getattr(args, flag) is not None]
+  if args.no_autoguide and given:
+    raise UserError(f"--no_autoguide samples without autoguidance: drop {' and '.join(given)}")
+  if given and args.workdir is None:
+    raise UserError(f"{given[0]} applies only to --workdir (autoguidance's guide is an "
+                    "earlier checkpoint of the run)")
   if args.autoguide_scale is not None:
     _check_weight("autoguide_scale", args.autoguide_scale)
   if args.autoguide_step is not None:
-    if args.workdir is None:
-      raise UserError("--autoguide_step applies only to --workdir (its guide is an earlier "
-                      "checkpoint of the run)")
     if args.autoguide_step < 0:
       raise UserError(f"--autoguide_step must be a step >= 0, got {args.autoguide_step}")
   if args.autoguide_min_t is not None and args.autoguide_min_t < 0:
     raise UserError(f"--autoguide_min_t must be a step >= 0, got {args.autoguide_min_t}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Autoguidance:
+  """The guide's step (None: no guide), W and T, and whether the step is the run
+  config's default rather than ``--autoguide_step``."""
+  step: int | None
+  scale: float
+  min_t: int
+  from_config: bool = False
+
+
+def _autoguidance(args: argparse.Namespace) -> Autoguidance:
+  """Autoguidance's settings: each flag given, else the run config's ``autoguide_*`` key
+  (the step unless ``--no_autoguide``), else the defaults. Reads only the config."""
+  config = {}
+  if args.workdir is not None and not args.no_autoguide:
+    path = pathlib.Path(args.workdir) / checkpoint.CONFIG_FILE
+    if path.is_file():  # Otherwise loading the run says what is wrong.
+      config = checkpoint.read_config(args.workdir)
+  step, from_config = args.autoguide_step, False
+  if step is None and config.get("autoguide_step", 0) > 0:
+    step, from_config = int(config["autoguide_step"]), True
+  if step is None:
+    for flag in ("autoguide_scale", "autoguide_min_t"):
+      if getattr(args, flag) is not None:
+        raise UserError(f"--{flag} applies only with --autoguide_step N, or to a run whose "
+                        "config sets autoguide_step")
+  pick = lambda flag, default: next(v for v in (getattr(args, flag), config.get(flag), default)
+                                    if v is not None)
+  return Autoguidance(step, float(pick("autoguide_scale", DEFAULT_AUTOGUIDE_SCALE)),
+                      int(pick("autoguide_min_t", DEFAULT_AUTOGUIDE_MIN_T)), from_config)
 
 
 def requested_labels(args: argparse.Namespace) -> list[int] | None:
@@ -298,9 +343,14 @@ def save_label_grid(path, samples: np.ndarray, labels: np.ndarray, data_range: s
 
 
 def _load_workdir(workdir: str, use_ema: bool, step: int | None = None,
-                  guide_step: int | None = None) -> Sampleable:
+                  guide_step: int | None = None, guide_from_config: bool = False
+                  ) -> Sampleable:
   """The run's weights at ``step`` (default: its newest checkpoint), with those at the
-  earlier ``guide_step`` as autoguidance's guide when it is given."""
+  earlier ``guide_step`` as autoguidance's guide when it is given.
+
+  A ``guide_step`` the user asked for must be kept and below ``step``; one that is the
+  run config's default is skipped, with a ``guide_note`` saying why, where it is not.
+  """
   config, step, state = checkpoint.load_run_state(workdir, step=step)
   if config.data.range not in DATA_RANGES:
     raise UserError(f"{workdir}: config data.range must be one of {', '.join(DATA_RANGES)}, "
@@ -316,7 +366,14 @@ def _load_workdir(workdir: str, use_ema: bool, step: int | None = None,
     raise UserError(f"{workdir}: config schedule.kind must be one of "
                     f"{', '.join(SCHEDULE_KINDS)}, got {kind!r}")
   # The guide's weights are read only once the run's config is known to be usable.
-  guide_params = None
+  guide_params, guide_note = None, ""
+  if guide_from_config:
+    kept = checkpoint.kept_steps(workdir)
+    if guide_step >= step or guide_step not in kept:
+      why = (f"not below the sampled step {step}" if guide_step >= step else
+             f"not kept (its steps: {', '.join(map(str, kept))})")
+      guide_step, guide_note = None, (f"not autoguided: the config's autoguide_step "
+                                      f"{config.autoguide_step} is {why}")
   if guide_step is not None:
     if guide_step >= step:
       raise UserError(f"--autoguide_step must be below the sampled step {step}, got "
@@ -332,7 +389,7 @@ def _load_workdir(workdir: str, use_ema: bool, step: int | None = None,
       image_shape=(size, size, channels),
       objective=objective,
       num_classes=config.model.get("num_classes", 0),
-      guide_params=guide_params)
+      guide_params=guide_params, guide_step=guide_step, guide_note=guide_note)
 
 
 def _torch_architecture(path: str) -> dict | None:
@@ -509,12 +566,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   # Before JAX starts: each batch split over one CPU device per core, as train does.
   if not cli.is_multi_process():
     cli.use_cpu_cores(batch_size)
+  autoguide = _autoguidance(args)
   if args.workdir is not None:
     source = f"workdir {args.workdir}" + ("" if args.step is None else f" at step {args.step}")
     if labels is not None and os.path.isdir(args.workdir):  # Said before the weights load.
       check_labels(labels, checkpoint.read_config(args.workdir).model.get("num_classes", 0),
                    f"workdir {args.workdir}")
-    run = _load_workdir(args.workdir, args.use_ema, args.step, args.autoguide_step)
+    run = _load_workdir(args.workdir, args.use_ema, args.step, autoguide.step,
+                        autoguide.from_config)
     if labels is not None:
       check_labels(labels, run.num_classes, f"workdir {args.workdir}")
   else:
@@ -529,11 +588,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   strip_rows = min(STRIP_ROWS, args.num_samples) if args.reverse_strip else 0
   guidance_scale = (DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None
                     else args.guidance_scale)
-  autoguide_scale = (DEFAULT_AUTOGUIDE_SCALE if args.autoguide_scale is None
-                     else args.autoguide_scale)
-  autoguide_min_t = (DEFAULT_AUTOGUIDE_MIN_T if args.autoguide_min_t is None
-                     else args.autoguide_min_t)
-  if args.autoguide_step is not None and autoguide_min_t >= run.schedule.num_steps:
+  autoguide_scale, autoguide_min_t = autoguide.scale, autoguide.min_t
+  if run.guide_step is not None and autoguide_min_t >= run.schedule.num_steps:
     raise UserError(f"--autoguide_min_t must be below the schedule's {run.schedule.num_steps} "
                     f"steps (0..{run.schedule.num_steps - 1}), got {autoguide_min_t}: no "
                     "update would be guided")
@@ -557,8 +613,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if labels is not None:
       extra["labels"] = sample_labels
       extra["guidance_scale"] = np.float32(guidance_scale)
-    if args.autoguide_step is not None:
-      extra["autoguide_step"] = np.int64(args.autoguide_step)
+    if run.guide_step is not None:
+      extra["autoguide_step"] = np.int64(run.guide_step)
       extra["autoguide_scale"] = np.float32(autoguide_scale)
       extra["autoguide_min_t"] = np.int64(autoguide_min_t)
     if args.sampler == "ddim":
@@ -592,9 +648,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   if labels is not None:
     shown = ",".join(map(str, labels[:10])) + (",..." if len(labels) > 10 else "")
     settings += f", labels {shown}, guidance {guidance_scale:g}"
-  if args.autoguide_step is not None:
-    settings += (f", autoguided by step {args.autoguide_step} at {autoguide_scale:g} for "
+  if run.guide_step is not None:
+    settings += (f", autoguided by step {run.guide_step} at {autoguide_scale:g} for "
                  f"t >= {autoguide_min_t}")
+  if run.guide_note:
+    settings += f"; {run.guide_note}"
   print(f"sampled {args.num_samples} images ({settings}) from {source} in {seconds:.1f} s "
         f"({rate}; first batch of {batch_size} with compilation {first_seconds:.1f} s) "
         f"-> {', '.join(outputs)}", flush=True)

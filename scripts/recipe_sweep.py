@@ -92,6 +92,11 @@ SAMPLERS = {
        for w in ("0", "1", "1.5", "2", "3", "5")},
 }
 
+# A config may ask for autoguidance by default (configs/mnist_tiny.py): the samplers named
+# without it sample without it.
+SAMPLERS = {name: flags if name == "default" or "--autoguide_step" in flags
+            else [*flags, "--no_autoguide"] for name, flags in SAMPLERS.items()}
+
 MEASURES = ("frac_confident", "mean_confidence", "frechet_distance", "class_kl")
 
 

@@ -55,6 +55,9 @@ def test_mnist_config_is_the_original():
     ("grad_clip_norm", -1.0,
      "grad_clip_norm must be a finite number >= 0 (0 = no clipping), got -1.0"),
     ("warmup_steps", -1, "warmup_steps must be >= 0, got -1"),
+    ("autoguide_step", -1, "autoguide_step must be a step >= 0 (0 = no autoguidance), got -1"),
+    ("autoguide_scale", float("nan"), "autoguide_scale must be a finite number >= 0, got nan"),
+    ("autoguide_min_t", -1, "autoguide_min_t must be a step >= 0, got -1"),
     ("ema_decay", float("nan"), "ema_decay must be in [0, 1), got nan"),
     ("schedule.beta_end", float("inf"), "need 0 < schedule.beta_start <= schedule.beta_end < 1"),
 ])
@@ -69,13 +72,14 @@ def test_a_bad_value_is_refused_in_one_line(key, value, message):
     validate_config(config)
 
 
-def test_the_demo_guides_with_a_checkpoint_the_tiny_config_keeps():
-  """`make demo` samples with autoguidance by the EMA at DEMO_AUTOGUIDE_STEP: that step must
-  be one the tiny run checkpoints and still keeps at its end, below its last step."""
+def test_the_tiny_config_guides_with_a_checkpoint_it_keeps():
+  """`sample` autoguides a tiny run by the EMA at its config's autoguide_step (and `make
+  demo` leaves that to the config): the step must be one the run checkpoints and still
+  keeps at its end, below its last step, or the demo would sample unguided."""
   makefile = (pathlib.Path(__file__).parents[1] / "Makefile").read_text()
-  step = int(re.search(r"^DEMO_AUTOGUIDE_STEP \?= (\d+)$", makefile, re.M).group(1))
-  assert "--autoguide_step $(DEMO_AUTOGUIDE_STEP)" in makefile
+  assert "--autoguide" not in makefile and "--no_autoguide" not in makefile
   config = load_config_file(CONFIGS[0].parent / "mnist_tiny.py")
-  every, last = config.checkpoint_every_steps, config.num_train_steps
+  step, every, last = config.autoguide_step, config.checkpoint_every_steps, config.num_train_steps
   kept = [s for s in range(every, last + 1, every)][-config.keep_checkpoints:]
   assert step in kept and step < last, (step, kept)
+  assert load_config_file(CONFIGS[0].parent / "mnist_tiny_cond.py").autoguide_step == 0

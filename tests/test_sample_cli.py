@@ -1,6 +1,7 @@
 """``python -m ddpm_jax.sample``: outputs from a torch checkpoint and a workdir, same seed
 same images, and one-line errors."""
 
+import json
 import os
 import pathlib
 import re
@@ -17,7 +18,7 @@ from PIL import Image
 
 import reference_torch as R
 from ddpm_jax import images, sample, sampling
-from ddpm_jax.checkpoint import load_run_state, read_config
+from ddpm_jax.checkpoint import config_to_json, load_run_state, read_config
 from ddpm_jax.config_defaults import base_config
 from ddpm_jax.errors import UserError
 from ddpm_jax.model import build_unet
@@ -211,15 +212,79 @@ def test_errors_are_one_line_with_exit_status_2(argv, checkpoint, tmp_path):
   assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
+def test_autoguidance_defaults_to_the_run_config(tmp_path):
+  """Each flag given, else the run config's autoguide_* key (the step unless
+  --no_autoguide), else the defaults; a config from before the keys guides nothing."""
+  config = base_config()
+  config.autoguide_step, config.autoguide_scale, config.autoguide_min_t = 1500, 3.0, 40
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text(config_to_json(config))
+  old = tmp_path / "old"
+  old.mkdir()
+  legacy = base_config().to_dict()
+  for key in ("autoguide_step", "autoguide_scale", "autoguide_min_t"):
+    del legacy[key]
+  (old / "config.json").write_text(json.dumps(legacy))
+
+  def settings(*argv):
+    args = sample._parse_args([*map(str, argv), "--out", str(tmp_path / "x.png")])  # pylint: disable=protected-access
+    sample._check_args(args)  # pylint: disable=protected-access
+    return sample._autoguidance(args)  # pylint: disable=protected-access
+
+  Guide = sample.Autoguidance
+  assert settings("--workdir", run) == Guide(1500, 3.0, 40, from_config=True)
+  assert settings("--workdir", run, "--autoguide_step", 500) == Guide(500, 3.0, 40)
+  assert settings("--workdir", run, "--autoguide_scale", 2) == Guide(1500, 2.0, 40, True)
+  assert settings("--workdir", run, "--no_autoguide").step is None
+  assert settings("--workdir", old) == Guide(None, sample.DEFAULT_AUTOGUIDE_SCALE,
+                                             sample.DEFAULT_AUTOGUIDE_MIN_T)
+  assert settings("--workdir", old, "--autoguide_step", 7) == Guide(
+      7, sample.DEFAULT_AUTOGUIDE_SCALE, sample.DEFAULT_AUTOGUIDE_MIN_T)
+  for argv, message in (
+      (("--workdir", old, "--autoguide_min_t", 5), "--autoguide_min_t applies only with "
+       "--autoguide_step N, or to a run whose config sets autoguide_step"),
+      (("--workdir", run, "--no_autoguide", "--autoguide_scale", 2), "--no_autoguide "
+       "samples without autoguidance: drop --autoguide_scale")):
+    with pytest.raises(UserError, match=re.escape(message)):
+      settings(*argv)
+
+
+def test_the_run_configs_guide_is_skipped_with_a_note_where_it_cannot_apply(monkeypatch):
+  """The config's guide step is read only where the run keeps it below the sampled step
+  (10 here); otherwise the run samples unguided and says why. Asked for by flag, the same
+  step is an error."""
+  config = base_config()
+  monkeypatch.setattr(sample.checkpoint, "load_run_state", _fake_run(config))
+  monkeypatch.setattr(sample.checkpoint, "kept_steps", lambda workdir: [6, 8, 10])
+  load = lambda step, from_config=True: sample._load_workdir(  # pylint: disable=protected-access
+      "run", True, guide_step=step, guide_from_config=from_config)
+  for step, note in ((5, "is not kept (its steps: 6, 8, 10)"), (10, "is not below the "
+                                                                   "sampled step 10")):
+    config.autoguide_step = step
+    run = load(step)
+    assert (run.guide_params, run.guide_step) == (None, None)
+    assert run.guide_note == f"not autoguided: the config's autoguide_step {step} {note}"
+  config.autoguide_step = 8
+  run = load(8)
+  assert (run.guide_params, run.guide_step, run.guide_note) == ({"w": 1}, 8, "")
+  with pytest.raises(UserError, match="--autoguide_step must be below the sampled step 10"):
+    load(10, from_config=False)
+
+
 @pytest.mark.slow
 def test_workdir_round_trip(tmp_path):
-  """Trains the tiny config for 3 steps on a 50-step schedule, then samples it with DDPM."""
+  """Trains the tiny config for 3 steps on a 50-step schedule, its config autoguiding by
+  step 2, then samples it with DDPM and DDIM."""
   workdir = tmp_path / "run"
   train = subprocess.run(
       [sys.executable, "-m", "ddpm_jax.train", "--config", "configs/mnist_tiny.py",
        "--workdir", str(workdir), "--config.num_train_steps=3", "--config.batch_size=4",
        "--config.schedule.num_steps=50", "--config.model.time_steps=50",
-       "--config.checkpoint_every_steps=1", "--config.lr_schedule=constant"],
+       "--config.checkpoint_every_steps=1", "--config.lr_schedule=constant",
+       # Three steps barely move the EMA, so a large weight makes the guidance visible.
+       "--config.autoguide_step=2", "--config.autoguide_scale=300",
+       "--config.autoguide_min_t=20"],
       env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=ROOT, capture_output=True, text=True,
       timeout=600, check=False)
   assert train.returncode == 0, train.stderr[-2000:]
@@ -267,10 +332,10 @@ def test_workdir_round_trip(tmp_path):
   assert "has no checkpoint at step 7; its steps: 1, 2, 3" in proc.stderr
 
   # Autoguidance by an earlier checkpoint: the CLI's images are those of the guided sampler
-  # on the two steps' EMA weights; w = 1 is the unguided sampler's; a guide step not kept,
-  # or not earlier than the sampled one, is one line.
+  # on the two steps' EMA weights, and by default the config's (the same here); w = 1 is
+  # the unguided sampler's, as is --no_autoguide; a guide step not kept, or not earlier
+  # than the sampled one, is one line when asked for, a note when the config's.
   ddim = ("--sampler", "ddim", "--num_steps", 4, "--num_samples", 2, "--seed", 0)
-  # Three steps barely move the EMA, so a large weight makes the guidance visible.
   proc = _run("--workdir", workdir, *ddim, "--autoguide_step", 2, "--autoguide_scale", 300,
               "--autoguide_min_t", 20, "--out", out / "ag.png", "--npz", out / "ag.npz")
   assert proc.returncode == 0, proc.stderr
@@ -288,20 +353,28 @@ def test_workdir_round_trip(tmp_path):
     assert (int(npz["autoguide_step"]), float(npz["autoguide_scale"]),
             int(npz["autoguide_min_t"])) == (2, 300.0, 20)
   for name, flags in (("w1", ("--autoguide_step", 2, "--autoguide_scale", 1,
-                                          "--autoguide_min_t", 20)), ("plain", ())):
+                                          "--autoguide_min_t", 20)),
+                      ("plain", ("--no_autoguide",)), ("default", ())):
     proc = _run("--workdir", workdir, *ddim, *flags, "--out", out / f"{name}.png", "--npz",
                 out / f"{name}.npz")
     assert proc.returncode == 0, proc.stderr
-  with np.load(out / "w1.npz") as w1, np.load(out / "plain.npz") as plain:
+  with np.load(out / "w1.npz") as w1, np.load(out / "plain.npz") as plain, \
+       np.load(out / "default.npz") as default, np.load(out / "ag.npz") as ag:
     np.testing.assert_array_equal(w1["images"], plain["images"])
     assert np.abs(plain["images"] - guided).max() > 1e-3
+    np.testing.assert_array_equal(default["images"], ag["images"])
+    assert int(default["autoguide_step"]) == 2 and "autoguide_step" not in plain
+  proc = _run("--workdir", workdir, *ddim, "--step", 2, "--out", out / "unguided.png")
+  assert proc.returncode == 0, proc.stderr
+  assert ("; not autoguided: the config's autoguide_step 2 is not below the sampled step 2) "
+          "from") in proc.stdout, proc.stdout
   for flags, message in ((("--autoguide_step", 3), "--autoguide_step must be below the "
                           "sampled step 3, got 3"),
                          (("--step", 2, "--autoguide_step", 0), "has no checkpoint at step 0; "
                           "its steps: 1, 2, 3"),
-                         # The default T (100) is beyond this run's 50-step schedule.
-                         (("--autoguide_step", 2), "--autoguide_min_t must be below the "
-                          "schedule's 50 steps (0..49), got 100: no update would be guided")):
+                         (("--autoguide_step", 2, "--autoguide_min_t", 50), "--autoguide_min_t "
+                          "must be below the schedule's 50 steps (0..49), got 50: no update "
+                          "would be guided")):
     proc = _run("--workdir", workdir, *ddim, *flags, "--out", out / "refused.png")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert message in proc.stderr, proc.stderr
