@@ -187,11 +187,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                      "step: out_N + W (out - out_N) (default: the config's autoguide_step; "
                      "configs/mnist_tiny.py 1500, 0 is none)")
   guide.add_argument("--autoguide_scale", type=float, default=None, metavar="W",
-                     help=f"autoguidance's W (default {DEFAULT_AUTOGUIDE_SCALE:g}; 1 is no "
-                     "guidance)")
+                     help="autoguidance's W (default: the config's autoguide_scale, else "
+                     f"{DEFAULT_AUTOGUIDE_SCALE:g}; 1 is no guidance)")
   guide.add_argument("--autoguide_min_t", type=int, default=None, metavar="T",
-                     help="guide only the updates at steps t >= T, the noisier ones (default "
-                     f"{DEFAULT_AUTOGUIDE_MIN_T}; 0 guides every update)")
+                     help="guide only the updates at steps t >= T, the noisier ones (default: "
+                     f"the config's autoguide_min_t, else {DEFAULT_AUTOGUIDE_MIN_T}; 0 guides "
+                     "every update)")
   guide.add_argument("--no_autoguide", action="store_true",
                      help="sample without the autoguidance the run's config asks for")
   return parser.parse_args(argv)
@@ -373,7 +374,7 @@ def _load_workdir(workdir: str, use_ema: bool, step: int | None = None,
       why = (f"not below the sampled step {step}" if guide_step >= step else
              f"not kept (its steps: {', '.join(map(str, kept))})")
       guide_step, guide_note = None, (f"not autoguided: the config's autoguide_step "
-                                      f"{config.autoguide_step} is {why}")
+                                      f"{guide_step} is {why}")
   if guide_step is not None:
     if guide_step >= step:
       raise UserError(f"--autoguide_step must be below the sampled step {step}, got "
@@ -589,6 +590,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   guidance_scale = (DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None
                     else args.guidance_scale)
   autoguide_scale, autoguide_min_t = autoguide.scale, autoguide.min_t
+  if (run.guide_step is not None and autoguide_min_t >= run.schedule.num_steps and
+      autoguide.from_config and args.autoguide_min_t is None):
+    run = dataclasses.replace(run, guide_params=None, guide_step=None, guide_note=(
+        f"not autoguided: the config's autoguide_min_t {autoguide_min_t} is beyond the "
+        f"schedule's {run.schedule.num_steps} steps"))
   if run.guide_step is not None and autoguide_min_t >= run.schedule.num_steps:
     raise UserError(f"--autoguide_min_t must be below the schedule's {run.schedule.num_steps} "
                     f"steps (0..{run.schedule.num_steps - 1}), got {autoguide_min_t}: no "

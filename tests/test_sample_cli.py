@@ -379,6 +379,16 @@ def test_workdir_round_trip(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert message in proc.stderr, proc.stderr
   assert not (out / "refused.png").exists()
+  # The config's T beyond the schedule (a flag's is refused above): a note, no guide.
+  config = read_config(workdir)
+  config.autoguide_min_t = 60
+  (workdir / "config.json").write_text(config_to_json(config))
+  proc = _run("--workdir", workdir, *ddim, "--out", out / "late.png", "--npz", out / "late.npz")
+  assert proc.returncode == 0, proc.stderr
+  assert ("; not autoguided: the config's autoguide_min_t 60 is beyond the schedule's 50 "
+          "steps) from") in proc.stdout, proc.stdout
+  with np.load(out / "late.npz") as late, np.load(out / "plain.npz") as plain:
+    np.testing.assert_array_equal(late["images"], plain["images"])
 
 
 def _dpmpp2m_args(checkpoint, out_dir, *extra):
