@@ -28,7 +28,7 @@ def _tiny_config() -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   config = _tiny_config()
   config.model.num_classes = 10
-  # Sampled with classifier-free guidance (`make demo-cond`); autoguidance beside it is
-  # unmeasured, so not on by default here.
+  # Sampled with classifier-free guidance (`make demo-cond`); autoguidance on top of it
+  # drew fewer of the asked digits (89 % at W 2 and 3 against 94 %; RESULTS.md).
   config.autoguide_step = 0
   return config
