@@ -590,15 +590,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   guidance_scale = (DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None
                     else args.guidance_scale)
   autoguide_scale, autoguide_min_t = autoguide.scale, autoguide.min_t
-  if (run.guide_step is not None and autoguide_min_t >= run.schedule.num_steps and
-      autoguide.from_config and args.autoguide_min_t is None):
+  if run.guide_step is not None and autoguide_min_t >= run.schedule.num_steps:
+    if not autoguide.from_config or args.autoguide_min_t is not None:
+      raise UserError(f"--autoguide_min_t must be below the schedule's "
+                      f"{run.schedule.num_steps} steps (0..{run.schedule.num_steps - 1}), got "
+                      f"{autoguide_min_t}: no update would be guided")
+    # Only the config asked for it: sampled unguided, as its other unusable defaults are.
     run = dataclasses.replace(run, guide_params=None, guide_step=None, guide_note=(
         f"not autoguided: the config's autoguide_min_t {autoguide_min_t} is beyond the "
         f"schedule's {run.schedule.num_steps} steps"))
-  if run.guide_step is not None and autoguide_min_t >= run.schedule.num_steps:
-    raise UserError(f"--autoguide_min_t must be below the schedule's {run.schedule.num_steps} "
-                    f"steps (0..{run.schedule.num_steps - 1}), got {autoguide_min_t}: no "
-                    "update would be guided")
   _check_host_memory(args.num_samples, run.image_shape)
 
   start_time = time.perf_counter()
