@@ -15,7 +15,7 @@ DEMO_COND_GUIDANCE ?= 3
 # config's train step by ~10-20 % on 2 cores (BENCHMARKS.md). Ignored by glibc < 2.35.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
-.PHONY: install lock test test-fast demo demo-cond bench clean
+.PHONY: install lock test test-fast demo demo-cond bench gpu-wheels clean
 
 install: $(STAMP)
 
@@ -73,6 +73,13 @@ demo-cond: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py --config configs/mnist_tiny.py --json bench_cpu.json --sample_timed_steps 20
+
+# The wheels of what a GPU machine's Python may lack (ml_collections, pure Python, at
+# constraints.txt's version), for scripts/gpu_proof.sh and gpu_bench.sh to install there
+# from .whl/ when it does: bring .whl/ along to a machine without network.
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --dest .whl \
+	  $$(grep -i '^ml[-_]collections==' constraints.txt)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -26,7 +26,9 @@
 # default five, from what each took on the H100 of BENCHMARKS.md, with a margin). Writes
 # OUTDIR/bench_<part>.json for the bench parts, OUTDIR/bench.log (every part's output),
 # OUTDIR/loop_metrics.jsonl and OUTDIR/bench_gpu.json, the bench parts merged (a device
-# call returns 8 files at most: 7 for the default parts).
+# call returns 8 files at most: 7 for the default parts). A Python that cannot import the
+# parts' modules, even after installing the wheels in .whl/ (`make gpu-wheels`), is a
+# one-line error and exit status 2 before any part.
 set -u
 out=${1:?usage: scripts/gpu_bench.sh OUTDIR [CONFIG [bench.py flags...]]}
 config=${2:-configs/mnist.py}
@@ -62,6 +64,10 @@ if [ -n "${GPU_BENCH_LIMITS:-}" ]; then
 fi
 loop_steps=${GPU_BENCH_LOOP_STEPS:-1500}
 nvidia-smi -L 2>&1 || echo "no nvidia-smi"
+# Every part's modules, checked (and installed from .whl/ where the machine lacks them)
+# before the first part: scripts/gpu_python.sh.
+source scripts/gpu_python.sh
+gpu_python "$python" "$cache/site" ddpm_jax.train torch reference_torch || exit 2
 
 status=0
 run_part() {  # run_part NAME LIMIT_S command...: the command's output goes to bench.log.

@@ -45,13 +45,20 @@
 #   each cut to what is left of the total (a step with under 10 s left is skipped). The
 #   default train limit leaves ~150 s for the rest, which BENCHMARKS.md's H100 sampling
 #   rates put at ~120 s with compilation; training stopped by its limit has 60 s to save.
-#   At the bfloat16 loop's 10.8 ms a step (BENCHMARKS.md, one H100) it reaches about 33,000
-#   of the 70,275 steps; the other ~6.5 minutes of training take further runs with the same
+#   At the bfloat16 step's 8.39 ms (BENCHMARKS.md, one H100) it reaches about 50,000 of
+#   the 70,275 steps (about 33,000 at the 10.8 ms of the loop measured before it ran
+#   steps_per_call steps a call); the rest take further runs with the same
 #   GPU_PROOF_WORKDIR (on the same machine: the checkpoints stay in the workdir).
+#   GPU_WHEELS [.whl]: wheels to install where Python lacks a module (below).
 #   PYTHON [python3].
 #
+# On a GPU machine whose Python lacks a module the steps import (ml_collections, in the
+# image BENCHMARKS.md's H100s ran), the wheels in .whl/ are installed first: run
+# `make gpu-wheels` on a machine that reaches PyPI and bring .whl/ along.
+#
 # Exit status: 0 when training reached STEPS and every step ran and exited 0; 1 otherwise
-# (the files of the steps that ran are kept); 2 for a refused OUTDIR or a bad setting.
+# (the files of the steps that ran are kept); 2 for a refused OUTDIR, a bad setting or a
+# Python that cannot import the steps' modules (one line on stderr, before any step).
 set -u
 die() { echo "error: $*" >&2; exit 2; }
 setting() {  # setting NAME DEFAULT: the variable's value, a whole number of at least 0.
@@ -121,6 +128,20 @@ deadline=$(( SECONDS + total_limit ))
 { echo "gpu_proof.sh at $(git rev-parse --short HEAD 2>/dev/null || echo '(no git)')," \
     "$(date -u +%Y-%m-%dT%H:%M:%SZ); the run in $workdir"
   nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"; } | tee "$log"
+
+# The Python that runs every step, checked before the first: the modules the steps import
+# (installed from .whl/ where the machine lacks them; scripts/gpu_python.sh).
+modules=(ddpm_jax.train ddpm_jax.sample ddpm_jax.evaluate)
+[ "$parity" = 1 ] && modules+=(torch reference_torch)
+source scripts/gpu_python.sh
+gpu_python "$python" "$scratch/site" "${modules[@]}" > "$scratch/python.log" \
+  2> "$scratch/python.err"
+code=$?
+tee -a "$log" < "$scratch/python.log"
+if [ "$code" -ne 0 ]; then
+  tee -a "$log" < "$scratch/python.err" >&2
+  exit 2
+fi
 
 status=0
 run_step() {  # run_step NAME LIMIT_S GRACE_S command...: runs it, logs it; its exit status.

@@ -357,7 +357,9 @@ def test_gpu_bench_script_runs_the_parts_named_in_order(tmp_path):
   assert [l for l in proc.stdout.splitlines() if l.startswith("== ")] == [
       "== profile256 (limit 90 s)", "== profile256: exit 0",
       "== train64 (limit 300 s)", "== train64: exit 0"]
-  profile, train = log.read_text().splitlines()
+  # First the check that Python imports every part's modules (scripts/gpu_python.sh).
+  imports, profile, train = log.read_text().splitlines()
+  assert imports == "XLA_FLAGS= | - ddpm_jax.train torch reference_torch"
   assert profile.startswith("XLA_FLAGS= --xla_gpu_enable_command_buffer= | scripts/bench.py ")
   assert profile.endswith("--parts train --batch_sizes 256 --dtypes bfloat16 --nobreakdown "
                           "--notorch_compile --loop_steps_per_call= --reps 2")

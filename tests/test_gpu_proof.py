@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -161,6 +162,72 @@ def test_gpu_proof_user_errors_are_one_line(tmp_path, fake_python):
     assert proc.returncode == 2 and proc.stderr.startswith(message), (settings, proc.stderr)
     assert proc.stderr.count("\n") == 1 and proc.stdout == ""
   assert not calls.exists() and not (out / "command.log").exists()
+
+
+def _wheel(folder: pathlib.Path, name: str, source: str) -> pathlib.Path:
+  """A pure-Python wheel in ``folder`` of the one module ``name`` with ``source``."""
+  folder.mkdir(parents=True, exist_ok=True)
+  dist = f"{name}-1.0.dist-info"
+  path = folder / f"{name}-1.0-py3-none-any.whl"
+  with zipfile.ZipFile(path, "w") as wheel:
+    wheel.writestr(f"{name}.py", source)
+    wheel.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    wheel.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\n"
+                   "Root-Is-Purelib: true\nTag: py3-none-any\n")
+    wheel.writestr(f"{dist}/RECORD", "".join(
+        f"{n},,\n" for n in (f"{name}.py", f"{dist}/METADATA", f"{dist}/WHEEL",
+                             f"{dist}/RECORD")))
+  return path
+
+
+def test_gpu_python_installs_the_wheels_a_python_lacks(tmp_path):
+  """``scripts/gpu_python.sh``: a module Python lacks is installed from GPU_WHEELS' wheels
+  into the site folder, which then leads PYTHONPATH for every later command; without a
+  wheel for it, one line on stderr names the module and ``make gpu-wheels``."""
+  script = ('source scripts/gpu_python.sh; gpu_python "$0" "$1" json gpu_python_probe && '
+            '"$0" -c "import gpu_python_probe; print(gpu_python_probe.VALUE)"')
+  site = tmp_path / "site"
+
+  def run(wheels: pathlib.Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", script, sys.executable, str(site)], cwd=ROOT,
+                          env=dict(_env(), GPU_WHEELS=str(wheels)), capture_output=True,
+                          text=True, timeout=120, check=False)
+
+  proc = run(tmp_path / "no_wheels")
+  assert proc.returncode == 1 and proc.stdout == "", proc.stdout + proc.stderr
+  assert proc.stderr.startswith(
+      f"error: {sys.executable}: gpu_python_probe does not import (ModuleNotFoundError: ")
+  assert "; missing: gpu_python_probe; run 'make gpu-wheels' where PyPI" in proc.stderr
+  assert proc.stderr.count("\n") == 1
+
+  _wheel(tmp_path / "wheels", "gpu_python_probe", "VALUE = 42\n")
+  proc = run(tmp_path / "wheels")
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  installing, found, value = proc.stdout.splitlines()
+  assert installing.startswith(f"installing 1 wheels from {tmp_path}/wheels into {site} (")
+  assert found.startswith(f"python {sys.version.split()[0]} ({sys.executable}), jax ")
+  assert found.endswith("devices: cpu:0") and value == "42"
+  assert (site / "gpu_python_probe.py").read_text() == "VALUE = 42\n"
+
+
+def test_gpu_proof_refuses_a_python_that_cannot_import_its_steps(tmp_path, fake_python):
+  """A Python without ml_collections (as a GPU image may be) and no wheels for it: one line
+  on stderr, also in command.log, exit 2, and no step run."""
+  fake, calls = fake_python
+  shadow = tmp_path / "shadow" / "ml_collections"
+  shadow.mkdir(parents=True)
+  (shadow / "__init__.py").write_text(
+      "raise ModuleNotFoundError(\"No module named 'ml_collections'\", name='ml_collections')\n")
+  out = tmp_path / "out"
+  proc = _run(out, PYTHON=str(fake), GPU_PROOF_WORKDIR=str(tmp_path / "work"),
+              PYTHONPATH=str(shadow.parent), GPU_WHEELS=str(tmp_path / "no_wheels"))
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  assert proc.stderr.startswith(f"error: {fake}: ddpm_jax.train does not import "
+                                "(ModuleNotFoundError: No module named 'ml_collections'); "
+                                "missing: ml_collections; run 'make gpu-wheels'")
+  assert proc.stderr.count("\n") == 1 and "== train" not in proc.stdout
+  assert not calls.exists()
+  assert (out / "command.log").read_text().endswith(proc.stderr)
 
 
 @pytest.fixture(name="cpu_runs", scope="module")
