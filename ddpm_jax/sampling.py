@@ -133,7 +133,9 @@ def guided_output(apply_fn: ApplyFn, params: Any, z: jax.Array, t: jax.Array,
 class Autoguided:
   """Autoguidance: ``apply_fn`` as a function of ``{'params': (params, guide_params)}``
   whose output is ``out_guide + w (out - out_guide)``, ``w = scale``, in float32, at the
-  examples whose step ``t >= min_t``, and the model's own output below.
+  examples whose step ``t >= min_t``, and the model's own output below; where no example
+  is at ``t >= min_t`` (a sampler's later updates: one ``t`` for the batch), the guide's
+  forward pass is skipped (``lax.cond``).
 
   The guide is the same architecture with weaker weights; where it errs more than the
   model does, the extrapolation pushes the samples away from its errors (Karras et al.
@@ -155,11 +157,18 @@ class Autoguided:
     out = self.apply_fn({"params": params}, z, t, *args, **kwargs).astype(jnp.float32)
     if self.scale == 1:
       return out
-    guide = self.apply_fn({"params": guide_params}, z, t, *args, **kwargs).astype(jnp.float32)
-    guided = guide + jnp.float32(self.scale) * (out - guide)
+
+    def guided() -> jax.Array:
+      guide = self.apply_fn({"params": guide_params}, z, t, *args, **kwargs)
+      guide = guide.astype(jnp.float32)
+      return guide + jnp.float32(self.scale) * (out - guide)
     if self.min_t <= 0:
-      return guided
-    return jnp.where((t >= self.min_t).reshape((-1,) + (1,) * (out.ndim - 1)), guided, out)
+      return guided()
+    at = t >= self.min_t
+    return jax.lax.cond(
+        jnp.any(at),
+        lambda: jnp.where(at.reshape((-1,) + (1,) * (out.ndim - 1)), guided(), out),
+        lambda: out)
 
 
 def predict_x0_eps(apply_fn: ApplyFn, params: Any, schedule: Schedule, z: jax.Array,
