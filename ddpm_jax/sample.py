@@ -262,17 +262,20 @@ def _check_args(args: argparse.Namespace) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Autoguidance:
-  """The guide's step (None: no guide), W and T, and whether the step is the run
-  config's default rather than ``--autoguide_step``."""
+  """The guide's step (None: no guide), W and T, whether the step is the run config's
+  default rather than ``--autoguide_step``, and why the config's guide is not used."""
   step: int | None
   scale: float
   min_t: int
   from_config: bool = False
+  note: str = ""
 
 
 def _autoguidance(args: argparse.Namespace) -> Autoguidance:
   """Autoguidance's settings: each flag given, else the run config's ``autoguide_*`` key
-  (the step unless ``--no_autoguide``), else the defaults. Reads only the config."""
+  (the step unless ``--no_autoguide``), else the defaults. Reads only the config, so that
+  a T beyond its schedule is refused (given as a flag or with ``--autoguide_step``) or
+  noted (the config's own guide: sampled unguided) before any weights load."""
   config = {}
   if args.workdir is not None and not args.no_autoguide:
     path = pathlib.Path(args.workdir) / checkpoint.CONFIG_FILE
@@ -288,8 +291,18 @@ def _autoguidance(args: argparse.Namespace) -> Autoguidance:
                         "config sets autoguide_step")
   pick = lambda flag, default: next(v for v in (getattr(args, flag), config.get(flag), default)
                                     if v is not None)
-  return Autoguidance(step, float(pick("autoguide_scale", DEFAULT_AUTOGUIDE_SCALE)),
-                      int(pick("autoguide_min_t", DEFAULT_AUTOGUIDE_MIN_T)), from_config)
+  scale = float(pick("autoguide_scale", DEFAULT_AUTOGUIDE_SCALE))
+  min_t = int(pick("autoguide_min_t", DEFAULT_AUTOGUIDE_MIN_T))
+  num_steps = config.get("schedule", {}).get("num_steps")
+  if step is not None and num_steps is not None and min_t >= num_steps:
+    if not from_config or args.autoguide_min_t is not None:
+      raise UserError(f"--autoguide_min_t must be below the schedule's {num_steps} steps "
+                      f"(0..{num_steps - 1}), got {min_t}: no update would be guided")
+    # Only the config asked for it: sampled unguided, as its other unusable defaults are.
+    return Autoguidance(None, scale, min_t, from_config, note=(
+        f"not autoguided: the config's autoguide_min_t {min_t} is beyond the schedule's "
+        f"{num_steps} steps"))
+  return Autoguidance(step, scale, min_t, from_config)
 
 
 def requested_labels(args: argparse.Namespace) -> list[int] | None:
@@ -368,7 +381,7 @@ def _load_workdir(workdir: str, use_ema: bool, step: int | None = None,
                     f"{', '.join(SCHEDULE_KINDS)}, got {kind!r}")
   # The guide's weights are read only once the run's config is known to be usable.
   guide_params, guide_note = None, ""
-  if guide_from_config:
+  if guide_from_config and guide_step is not None:
     kept = checkpoint.kept_steps(workdir)
     if guide_step >= step or guide_step not in kept:
       why = (f"not below the sampled step {step}" if guide_step >= step else
@@ -590,15 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   guidance_scale = (DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None
                     else args.guidance_scale)
   autoguide_scale, autoguide_min_t = autoguide.scale, autoguide.min_t
-  if run.guide_step is not None and autoguide_min_t >= run.schedule.num_steps:
-    if not autoguide.from_config or args.autoguide_min_t is not None:
-      raise UserError(f"--autoguide_min_t must be below the schedule's "
-                      f"{run.schedule.num_steps} steps (0..{run.schedule.num_steps - 1}), got "
-                      f"{autoguide_min_t}: no update would be guided")
-    # Only the config asked for it: sampled unguided, as its other unusable defaults are.
-    run = dataclasses.replace(run, guide_params=None, guide_step=None, guide_note=(
-        f"not autoguided: the config's autoguide_min_t {autoguide_min_t} is beyond the "
-        f"schedule's {run.schedule.num_steps} steps"))
+  if autoguide.note:
+    run = dataclasses.replace(run, guide_note=autoguide.note)
   _check_host_memory(args.num_samples, run.image_shape)
 
   start_time = time.perf_counter()

@@ -379,6 +379,15 @@ def test_workdir_round_trip(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert message in proc.stderr, proc.stderr
   assert not (out / "refused.png").exists()
+  # Refused from the config alone, before any checkpoint is read: a workdir whose config is
+  # all there is says the same.
+  bare = workdir.parent / "config_only"
+  bare.mkdir()
+  (bare / "config.json").write_bytes((workdir / "config.json").read_bytes())
+  proc = _run("--workdir", bare, *ddim, "--autoguide_step", 2, "--autoguide_min_t", 50,
+              "--out", out / "refused.png")
+  assert proc.returncode == 2 and "--autoguide_min_t must be below the schedule's 50 " \
+      "steps" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
   # The config's T beyond the schedule (a flag's is refused above): a note, no guide.
   config = read_config(workdir)
   config.autoguide_min_t = 60
