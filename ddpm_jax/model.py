@@ -167,8 +167,8 @@ class UpConv(nn.Module):
   padding=((2, 2), (2, 2)), transpose_kernel=True)`` — ``kernel`` ``(4, 4, features, C)`` is
   the torch weight ``(C, features, 4, 4)`` transposed — and so is the result. But XLA's CPU
   backend runs that input-dilated convolution several times slower than a plain one
-  (forward and gradient; BENCHMARKS.md), so each of the four output phases (row and column parity) is read
-  off one 3x3 convolution with ``4 * features`` outputs, then interleaved
+  (forward and gradient; BENCHMARKS.md), so each of the four output phases (row and column
+  parity) is read off one 3x3 convolution with ``4 * features`` outputs, then interleaved
   (depth-to-space).
   """
   features: int
