@@ -26,7 +26,9 @@
 #
 # OUTDIR (or GPU_PROOF_OUT; default results/mnist-gpu) receives only small files, 8 at most:
 # the above, the run's metrics.jsonl, and command.log (each command with its start time,
-# limit, seconds, exit status and output's tail, then the summary printed at the end). An
+# limit, seconds, exit status and output's tail, then the summary printed at the end: the
+# step reached, the training loop's ms a step from this run's metrics lines, and each
+# sampler's scores). An
 # OUTDIR that already holds any of them is refused unless GPU_PROOF_OVERWRITE=1, which
 # deletes them first. The run (checkpoints, config.json, metrics.jsonl) goes to
 # GPU_PROOF_WORKDIR (default a new temporary folder, never inside OUTDIR), with the samples'
@@ -200,6 +202,8 @@ evaluate() {  # evaluate SAMPLER: scores its npz into evaluation_SAMPLER.json.
   fi
 }
 
+# The metrics lines this run's training adds come after these (a resumed workdir has some).
+logged_before=$(cat "$workdir/metrics.jsonl" 2>/dev/null | wc -l)
 run_step train "$train_limit" 60 "$python" -m ddpm_jax.train --config "$config" \
   --workdir "$workdir" --config.data.source=bundled --config.model.dtype="$dtype" \
   --config.num_train_steps="$steps" --config.checkpoint_every_steps="$checkpoint_every" \
@@ -237,8 +241,20 @@ fi
 {
   echo "== summary"
   echo "steps reached: ${reached:-none} of $steps; the run: $workdir"
-  "$python" - "$out" <<'EOF'
+  "$python" - "$out" "$workdir/metrics.jsonl" "$logged_before" <<'EOF'
 import json, pathlib, sys
+# The loop's own speed, from this run's metrics lines: the first is logged after the
+# compilation, so first to last is the whole loop at work (data, logging, checkpoints).
+path = pathlib.Path(sys.argv[2])
+lines = path.read_text().splitlines()[int(sys.argv[3]):] if path.is_file() else []
+records = [r for r in map(json.loads, lines) if "time" in r and "step" in r]
+if len(records) >= 2 and records[-1]["step"] > records[0]["step"]:
+  first, last = records[0], records[-1]
+  per_step = (last["time"] - first["time"]) / (last["step"] - first["step"])
+  print(f"train loop: steps {first['step']}..{last['step']} at {1e3 * per_step:.2f} ms a step "
+        f"(70,275 steps: {70275 * per_step / 60:.1f} min)")
+else:
+  print("train loop: fewer than two metrics lines from this run; not timed")
 for name in ("ddim", "ddpm"):
   path = pathlib.Path(sys.argv[1]) / f"evaluation_{name}.json"
   if not path.is_file():

@@ -123,6 +123,7 @@ def test_gpu_proof_runs_the_originals_commands_with_their_limits(tmp_path, fake_
   log = (out / "command.log").read_text()
   assert _steps_logged(log) == [(s, "0") for s in STEPS + ("parity",)]
   assert "steps reached: 70275 of 70275 (the last checkpoint)\n" in proc.stdout
+  assert "train loop: fewer than two metrics lines from this run; not timed\n" in proc.stdout
   assert ("ddim: 3 images, frac_confident 0.8000, mean_confidence 0.9000, FD 1.50, "
           "class_kl 0.0100\n") in proc.stdout
   assert proc.stdout.endswith(" s, exit 0\n") and log.endswith(" s, exit 0\n")
@@ -318,4 +319,14 @@ def test_gpu_proof_samples_the_last_checkpoint_of_a_run_cut_short(cpu_runs):
   assert reached == (int(stopped[0].split()[5].rstrip(";")) if stopped else 4)
   for name in ("ddim", "ddpm"):
     assert EVALUATE_KEYS <= json.loads((out / f"evaluation_{name}.json").read_text()).keys()
-  assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] >= 4
+  records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+  assert records[-1]["step"] >= 4
+  # The loop's speed from this run's lines alone (the complete run's step-4 line before
+  # them): first to last logged step, where the 25 s reached two lines.
+  if len(records) < 3:
+    assert "train loop: fewer than two metrics lines from this run; not timed\n" in log
+  else:
+    first, last = records[1], records[-1]
+    per_step = (last["time"] - first["time"]) / (last["step"] - first["step"])
+    assert (f"train loop: steps {first['step']}..{last['step']} at {1e3 * per_step:.2f} ms a "
+            f"step (70,275 steps: {70275 * per_step / 60:.1f} min)\n") in log
