@@ -73,7 +73,6 @@ import argparse
 import dataclasses
 import math
 import os
-import pathlib
 import time
 from typing import Any, Mapping, Sequence
 
@@ -271,16 +270,14 @@ class Autoguidance:
   note: str = ""
 
 
-def _autoguidance(args: argparse.Namespace) -> Autoguidance:
+def _autoguidance(args: argparse.Namespace, run_config: Mapping[str, Any] | None
+                  ) -> Autoguidance:
   """Autoguidance's settings: each flag given, else the run config's ``autoguide_*`` key
-  (the step unless ``--no_autoguide``), else the defaults. Reads only the config, so that
-  a T beyond its schedule is refused (given as a flag or with ``--autoguide_step``) or
-  noted (the config's own guide: sampled unguided) before any weights load."""
-  config = {}
-  if args.workdir is not None and not args.no_autoguide:
-    path = pathlib.Path(args.workdir) / checkpoint.CONFIG_FILE
-    if path.is_file():  # Otherwise loading the run says what is wrong.
-      config = checkpoint.read_config(args.workdir)
+  (the step unless ``--no_autoguide``), else the defaults. ``run_config`` is the workdir's
+  config (None without one), so that a T beyond its schedule is refused (given as a flag
+  or with ``--autoguide_step``) or noted (the config's own guide: sampled unguided) before
+  any weights load."""
+  config = {} if run_config is None or args.no_autoguide else run_config
   step, from_config = args.autoguide_step, False
   if step is None and config.get("autoguide_step", 0) > 0:
     step, from_config = int(config["autoguide_step"]), True
@@ -580,12 +577,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   # Before JAX starts: each batch split over one CPU device per core, as train does.
   if not cli.is_multi_process():
     cli.use_cpu_cores(batch_size)
-  autoguide = _autoguidance(args)
+  # The run's config, read once for what is said before the weights load: autoguidance's
+  # defaults and the label check. A workdir without one: loading the run says what is wrong.
+  run_config = (checkpoint.read_config(args.workdir) if args.workdir is not None and
+                os.path.isfile(os.path.join(args.workdir, checkpoint.CONFIG_FILE)) else None)
+  autoguide = _autoguidance(args, run_config)
   if args.workdir is not None:
     source = f"workdir {args.workdir}" + ("" if args.step is None else f" at step {args.step}")
-    if labels is not None and os.path.isdir(args.workdir):  # Said before the weights load.
-      check_labels(labels, checkpoint.read_config(args.workdir).model.get("num_classes", 0),
-                   f"workdir {args.workdir}")
+    if labels is not None and run_config is not None:
+      check_labels(labels, run_config.model.get("num_classes", 0), f"workdir {args.workdir}")
     run = _load_workdir(args.workdir, args.use_ema, args.step, autoguide.step,
                         autoguide.from_config)
     if labels is not None:

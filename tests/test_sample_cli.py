@@ -230,7 +230,7 @@ def test_autoguidance_defaults_to_the_run_config(tmp_path):
   def settings(*argv):
     args = sample._parse_args([*map(str, argv), "--out", str(tmp_path / "x.png")])  # pylint: disable=protected-access
     sample._check_args(args)  # pylint: disable=protected-access
-    return sample._autoguidance(args)  # pylint: disable=protected-access
+    return sample._autoguidance(args, read_config(args.workdir))  # pylint: disable=protected-access
 
   Guide = sample.Autoguidance
   assert settings("--workdir", run) == Guide(1500, 3.0, 40, from_config=True)
