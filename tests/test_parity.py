@@ -188,7 +188,15 @@ def _loss_and_grads(ref, model, params, x0, t, e, dropout_rng=None):
 
 
 def test_gradient_parity_default_model():
-  """Measured: relative L2 7.4e-7, worst parameter 2.4e-6 of its largest entry."""
+  """Measured: relative L2 7.4e-7 and 7.8e-7 on two hosts; worst parameter 2.4e-6 of its
+  largest entry on one and 5.9e-4 on an AVX-512 AMD EPYC.
+
+  The per-parameter figure depends on the CPU's float32 summation order where a
+  parameter's gradient is a near-cancelling sum: the EPYC's worst,
+  ``Layer5.ResBlock2.conv1.weight``, has gradients 1/1,900 of the largest anywhere and is
+  off by 5e-8 in absolute terms. The original's own float32 gradients are 5.8e-3 off on
+  the same host. A wrong gradient would be off by the order of 1.
+  """
   ref, model, params = make_pair(DEFAULT, seed=3)
   loss_ref, g_ref, loss, g = _loss_and_grads(ref, model, params, *_batch(0))
   assert abs(loss - loss_ref) <= 1e-6 * max(1.0, loss_ref)
@@ -198,7 +206,7 @@ def test_gradient_parity_default_model():
   rel_l2 = diff / norm
   worst = max(np.abs(g[k] - g_ref[k]).max() / max(np.abs(g_ref[k]).max(), 1e-30) for k in g)
   assert rel_l2 <= 1e-5, rel_l2
-  assert worst <= 1e-4, worst
+  assert worst <= 1e-3, worst
 
 
 def test_training_mode_path_matches_reference():
