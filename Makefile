@@ -35,7 +35,7 @@ lock: $(STAMP)
 	mv constraints.txt.new constraints.txt
 
 # Two pytest workers: most tests wait on subprocesses or single-threaded work, so two at a
-# time keep both cores busy (the 4-minute kill test runs beside the rest): 20-26 minutes on
+# time keep both cores busy (the 4-minute kill test runs beside the rest): 20-30 minutes on
 # 2 cores (README). TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= 2
 
